@@ -1,0 +1,59 @@
+"""The one contract every attention backend follows.
+
+A backend only mixes tokens. The multi-head wrapper (`models.multihead`) owns the projections and the
+head split, so parameter counts stay comparable across backends.
+
+    forward(q, k, v, key_padding_mask) -> out
+    q, k, v, out: (B, H, L, Dh)      key_padding_mask: (B, L) bool, True = real token, or None
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class AttentionConfigError(ValueError):
+    """A backend cannot be built as asked (unknown name, a length it cannot take, a bad option)."""
+
+
+class AttentionBackend(nn.Module):
+    """Base class: capability flags plus the build-time length check.
+
+    Capability flags (class attributes, never mutated):
+      supports_padding_mask: padded keys are excluded from the mixing.
+      needs_max_len: the backend owns parameters sized by the maximum length (Linformer).
+    """
+
+    name: ClassVar[str] = ""
+    supports_padding_mask: ClassVar[bool] = True
+    needs_max_len: ClassVar[bool] = False
+
+    def __init__(self, num_heads: int, head_dim: int, max_len: int | None = None) -> None:
+        super().__init__()
+        if self.needs_max_len and not max_len:
+            raise AttentionConfigError(
+                f"attention backend '{self.name}' needs a maximum sequence length (max_len) when it is "
+                "built; the model passes the task's max_len, so set task.max_len (or model.max_len)."
+            )
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.max_len = max_len
+
+    def check_length(self, length: int) -> None:
+        """Raise AttentionConfigError if this backend cannot take sequences of `length` tokens."""
+        if self.max_len is not None and length > self.max_len:
+            raise AttentionConfigError(
+                f"attention backend '{self.name}' was built for at most {self.max_len} tokens but got "
+                f"{length}; rebuild it with max_len >= {length} (task.max_len)."
+            )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,288 @@
+"""Contract tests for every registered attention backend, plus backend-specific checks against plain
+implementations of each paper's formula. Tiny sizes: the file runs in seconds on 2 CPU cores."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from models.attention import ATTENTION_BACKENDS, AttentionConfigError, build_attention
+from models.attention.linformer import LinformerAttention
+from models.attention.nystrom import depthwise_seq_conv, nystrom_attention
+from models.attention.performer import RELU_EPS, performer_attention
+from models.multihead import MultiHeadAttention
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "attention"
+B, H, L, DH, MAX_LEN = 3, 2, 22, 8, 32
+LENGTHS = [22, 15, 9]  # real tokens per example; the rest is padding
+
+# Every backend with its defaults, plus small-option variants that exercise other code paths.
+EXTRA = {
+    "nystrom": [{"num_landmarks": 4}, {"num_landmarks": 5, "conv_kernel": 0}],
+    "performer": [{"kernel": "relu", "num_features": 16}],
+    "linformer": [{"proj_dim": 6}],
+}
+CASES = [(name, {}) for name in ATTENTION_BACKENDS] + [
+    (name, opts) for name, variants in EXTRA.items() if name in ATTENTION_BACKENDS for opts in variants
+]
+CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in CASES]
+
+
+def make_backend(name: str, opts: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return build_attention(name, num_heads=H, head_dim=DH, max_len=MAX_LEN, **opts).to(dtype).eval()
+
+
+def make_qkv(seed: int = 0, dtype: torch.dtype = torch.float32, length: int = L):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, length, DH, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def padding_mask(lengths=LENGTHS, length: int = L) -> torch.Tensor:
+    return torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]  # (B, L) True = real
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_output_shape_and_wrapper(name, opts):
+    torch.manual_seed(0)
+    attn = make_backend(name, opts)
+    q, k, v = make_qkv()
+    assert attn(q, k, v, padding_mask()).shape == (B, H, L, DH)
+    assert attn(q, k, v, None).shape == (B, H, L, DH)
+    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts)
+    mha.check_length(MAX_LEN)
+    assert mha(torch.randn(B, L, 16), padding_mask()).shape == (B, L, 16)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_padding_invariance(name, opts):
+    torch.manual_seed(0)
+    attn = make_backend(name, opts)
+    q, k, v = make_qkv()
+    mask = padding_mask()
+    out = attn(q, k, v, mask)
+    pad = ~mask[:, None, :, None]
+    q2, k2, v2 = (t + 5.0 * torch.randn_like(t) * pad for t in (q, k, v))  # only padded tokens change
+    out2 = attn(q2, k2, v2, mask)
+    real = mask[:, None, :, None].expand_as(out)
+    assert not torch.equal(q, q2)
+    torch.testing.assert_close(out[real], out2[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_sample_independent_of_batch_mates(name, opts):
+    torch.manual_seed(0)
+    attn = make_backend(name, opts)
+    q, k, v = make_qkv()
+    scales = torch.tensor([30.0, 1.0, 0.1])[:, None, None, None]  # logit ranges far apart: a stabiliser shared across the batch underflows
+    q, k = q * scales, k * scales
+    mask = padding_mask()
+    full = attn(q, k, v, mask)
+    q_alt, k_alt, v_alt = (torch.cat([t[:1], 10 * t[1:]]) for t in (q, k, v))  # new batch mates
+    alt = attn(q_alt, k_alt, v_alt, mask)
+    for i in range(B):
+        alone = attn(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask[i : i + 1])
+        torch.testing.assert_close(alone[0], full[i], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alt[0], full[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_seeded_determinism(name, opts):
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts)
+        outs.append(mha(torch.randn(B, L, 16), padding_mask()))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_gradients_reach_every_parameter(name, opts):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts)
+    x = torch.randn(B, L, 16, requires_grad=True)
+    mha(x, padding_mask()).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for pname, p in mha.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{pname} gradient is zero or not finite"
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_float64(name, opts):
+    torch.manual_seed(0)
+    attn64 = make_backend(name, opts, torch.float64)
+    q, k, v = make_qkv(dtype=torch.float64)
+    out64 = attn64(q, k, v, padding_mask())
+    assert out64.dtype == torch.float64 and torch.isfinite(out64).all()
+    attn32 = make_backend(name, opts)
+    attn32.load_state_dict({key: t.float() for key, t in attn64.state_dict().items()})
+    out32 = attn32(q.float(), k.float(), v.float(), padding_mask())
+    torch.testing.assert_close(out32.double(), out64, atol=1e-4, rtol=1e-3)
+
+
+def softmax_reference(q, k, v, mask=None):
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return logits.softmax(-1) @ v
+
+
+def test_softmax_matches_plain_math():
+    q, k, v = make_qkv(dtype=torch.float64)
+    attn = make_backend("softmax", {}, torch.float64)
+    torch.testing.assert_close(attn(q, k, v, padding_mask()), softmax_reference(q, k, v, padding_mask()))
+    torch.testing.assert_close(attn(q, k, v), softmax_reference(q, k, v))
+
+
+@pytest.mark.parametrize("landmarks", [L, 64])
+def test_nystrom_landmarks_equal_length_is_softmax(landmarks):
+    q, k, v = make_qkv(dtype=torch.float64)
+    mask = padding_mask()
+    ref = softmax_reference(q, k, v, mask)
+    for iters in (30, None):
+        out = nystrom_attention(q, k, v, landmarks, iters, mask)
+        torch.testing.assert_close(out, ref, atol=1e-7, rtol=1e-6)
+
+
+def paper_nystrom(q, k, v, m, iters, lengths):
+    """The paper's formula for one example at a time, written out: real tokens only, padded to a
+    multiple of m, segment means, three softmax kernels, pseudo-inverse (iterative or exact)."""
+    out = torch.zeros_like(q)
+    for b, n in enumerate(lengths):
+        m_eff = min(m, q.shape[2])
+        seg = math.ceil(q.shape[2] / m_eff)
+        for h in range(q.shape[1]):
+            qb, kb, vb = q[b, h, :n], k[b, h, :n], v[b, h, :n]
+            qs = [qb[i * seg : (i + 1) * seg] for i in range(m_eff)]
+            ks = [kb[i * seg : (i + 1) * seg] for i in range(m_eff)]
+            q_land = torch.stack([s.mean(0) for s in qs if len(s)])  # empty segments give no landmark
+            k_land = torch.stack([s.mean(0) for s in ks if len(s)])
+            d = math.sqrt(q.shape[-1])
+            f = torch.softmax(qb @ k_land.T / d, -1)
+            a = torch.softmax(q_land @ k_land.T / d, -1)
+            bm = torch.softmax(q_land @ kb.T / d, -1)
+            if iters is None:
+                a_inv = torch.linalg.pinv(a)
+            else:
+                z = a.T / (a.abs().sum(0).max() * a.abs().sum(1).max())
+                eye = torch.eye(a.shape[0], dtype=a.dtype)
+                for _ in range(iters):
+                    az = a @ z
+                    z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+                a_inv = z
+            out[b, h, :n] = f @ a_inv @ bm @ vb
+    return out
+
+
+@pytest.mark.parametrize("m,iters", [(4, 6), (5, 6), (7, None), (11, 3)])
+def test_nystrom_functional_matches_paper_formula(m, iters):
+    q, k, v = make_qkv(dtype=torch.float64)
+    mask = padding_mask()
+    out = nystrom_attention(q, k, v, m, iters, mask)
+    ref = paper_nystrom(q, k, v, m, iters, LENGTHS)
+    real = mask[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref[real], atol=1e-9, rtol=1e-7)
+
+
+def test_nystrom_options_are_checked():
+    with pytest.raises(AttentionConfigError, match="odd"):
+        build_attention("nystrom", num_heads=H, head_dim=DH, conv_kernel=4)
+    assert build_attention("nystrom", num_heads=H, head_dim=DH, conv_kernel=0).conv_weight is None
+
+
+@pytest.mark.parametrize("length,kernel", [(22, 5), (64, 35), (70, 3), (5, 9)])
+def test_nystrom_conv_skip_is_per_head_depthwise_conv(length, kernel):
+    attn = build_attention("nystrom", num_heads=H, head_dim=DH, conv_kernel=kernel).double()
+    v = torch.randn(B, H, length, DH, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(v, attn.conv_weight[:, None, :, None], padding=(kernel // 2, 0), groups=H)
+    torch.testing.assert_close(depthwise_seq_conv(v, attn.conv_weight), ref)
+
+
+def favor_reference(q, k, v, w, kernel, mask):
+    """FAVOR+ written out plainly: φ(x) = exp(ω·x − |x|²/2)/√m with x = q/Dh^¼ (softmax kernel)."""
+    x_q, x_k = q / q.shape[-1] ** 0.25, k / k.shape[-1] ** 0.25
+    if kernel == "softmax":
+        phi = lambda x: torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(w.shape[0])  # noqa: E731
+    else:
+        phi = lambda x: torch.relu(x @ w.T) + RELU_EPS  # noqa: E731
+    fq, fk = phi(x_q), phi(x_k) * mask[:, None, :, None]
+    return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2)[..., None])
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_performer_matches_plain_formula(kernel):
+    q, k, v = make_qkv(dtype=torch.float64)
+    mask = padding_mask()
+    attn = build_attention("performer", num_heads=H, head_dim=DH, num_features=32, kernel=kernel, feature_seed=3)
+    w = attn.projection.double()
+    torch.testing.assert_close(performer_attention(q, k, v, w, kernel, mask), favor_reference(q, k, v, w, kernel, mask))
+
+
+def test_performer_softmax_kernel_estimates_softmax():
+    q, k, v = (t * 0.5 for t in make_qkv(dtype=torch.float64))
+    mask = padding_mask()
+    attn = build_attention("performer", num_heads=H, head_dim=DH, num_features=4096, feature_seed=0).double()
+    err = (attn(q, k, v, mask) - softmax_reference(q, k, v, mask)).norm() / softmax_reference(q, k, v, mask).norm()
+    assert err < 0.06  # ~0.025; unsigned QR features (biased), a 1/Dh scale or padded keys give > 0.07
+
+
+def test_performer_redraw_only_in_training():
+    torch.manual_seed(0)
+    attn = build_attention("performer", num_heads=H, head_dim=DH, num_features=16, redraw=True)
+    q, k, v = make_qkv()
+    attn.train()
+    assert not torch.allclose(attn(q, k, v), attn(q, k, v))
+    attn.eval()
+    torch.testing.assert_close(attn(q, k, v), attn(q, k, v), atol=0, rtol=0)
+    assert "projection" in attn.state_dict()
+
+
+def test_linformer_instances_do_not_share_parameters():
+    torch.manual_seed(0)
+    a = LinformerAttention(H, DH, max_len=MAX_LEN, proj_dim=4)
+    b = LinformerAttention(H, DH, max_len=MAX_LEN, proj_dim=4)
+    assert a.proj_k.shape == (4, MAX_LEN) and a.proj_v.shape == (4, MAX_LEN)
+    assert not any(isinstance(val, torch.Tensor) for val in vars(LinformerAttention).values())
+    ids_a = {id(p) for p in a.parameters()}
+    assert ids_a.isdisjoint(id(p) for p in b.parameters())
+    assert a.proj_k.data_ptr() != a.proj_v.data_ptr() and not torch.equal(a.proj_k, b.proj_k)
+    before = b.proj_k.detach().clone()
+    with torch.no_grad():
+        a.proj_k.add_(1.0)
+    torch.testing.assert_close(b.proj_k.detach(), before, atol=0, rtol=0)
+
+
+def test_linformer_rejects_too_long_input():
+    attn = LinformerAttention(H, DH, max_len=16, proj_dim=4)
+    with pytest.raises(AttentionConfigError, match="at most 16 tokens"):
+        attn.check_length(17)
+    attn.check_length(16)
+    q, k, v = make_qkv(length=17)
+    with pytest.raises(AttentionConfigError):
+        attn(q, k, v)
+    with pytest.raises(AttentionConfigError, match="max_len"):
+        build_attention("linformer", num_heads=H, head_dim=DH)
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(AttentionConfigError) as err:
+        build_attention("nystromm", num_heads=H, head_dim=DH)
+    for name in ATTENTION_BACKENDS:
+        assert name in str(err.value)
+    with pytest.raises(AttentionConfigError, match="bad options"):
+        build_attention("softmax", num_heads=H, head_dim=DH, landmarks=3)
+
+
+def test_attention_yamls_match_registry_and_build():
+    files = {p.stem: p for p in CONF_DIR.glob("*.yaml")}
+    assert set(files) == set(ATTENTION_BACKENDS)
+    for stem, path in files.items():
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        name = cfg.pop("name")
+        assert name == stem
+        attn = build_attention(name, num_heads=H, head_dim=DH, max_len=MAX_LEN, **cfg).eval()
+        q, k, v = make_qkv()
+        assert attn(q, k, v, padding_mask()).shape == (B, H, L, DH)
