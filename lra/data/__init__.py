@@ -1,0 +1,1 @@
+"""Data for the LRA tasks: generators, readers, the token cache and the DataModule. Imports no model code."""
