@@ -1,0 +1,1 @@
+"""Training: the LightningModule, schedules, result records and the run driver."""

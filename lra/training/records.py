@@ -1,0 +1,94 @@
+"""Result records: one JSON per run, written atomically, identified by a hash of the config."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that say where things go or how a run is watched, not what is computed: excluded from the hash.
+NON_IDENTITY_KEYS = ("data_dir", "results_dir", "ckpt_root", "logger", "progress", "resume", "skip_done",
+                     "checkpoint_every", "hydra")
+NON_IDENTITY_SUBKEYS = {"data": ("num_workers",)}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in NON_IDENTITY_KEYS:
+        c.pop(k, None)
+    for k, subs in NON_IDENTITY_SUBKEYS.items():
+        for s in subs:
+            c.get(k, {}).pop(s, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_id(cfg: DictConfig) -> str:
+    return f"{cfg.task.name}-{cfg.attention.name}-s{cfg.seed}-{config_hash(cfg)[:10]}"
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import lightning
+    import torch
+
+    import lra
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "lra": lra.__version__}
+
+
+def hardware() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"device": "cuda" if gpu else "cpu", "gpu": gpu, "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_path(cfg: DictConfig) -> Path:
+    return Path(cfg.results_dir) / f"{run_id(cfg)}.json"
+
+
+def load_record(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def make_record(cfg: DictConfig, status: str, **fields) -> dict:
+    rec = {
+        "schema": 1, "run_id": run_id(cfg), "status": status, "error": None,
+        "task": cfg.task.name, "attention": cfg.attention.name, "protocol": cfg.protocol, "seed": int(cfg.seed),
+        "val_acc": None, "test_acc": None, "majority_acc": None, "best_step": None, "steps": None,
+        "train_seconds": None, "steps_per_second": None, "peak_memory_mb": None, "params": None,
+        "config_hash": config_hash(cfg), "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_sha": git_sha(), "versions": versions(), "hardware": hardware(),
+        "command": " ".join(sys.argv), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    rec.update(fields)
+    return rec
