@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo demo-data test test-fast bench install-bench leaderboard data-listops clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  \033[36m%-24s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,35 @@ data-listops: $(STAMP) ## Generate the full LRA-size ListOps set (96k/2k/2k) int
 
 clean: ## Remove generated data, checkpoints, logs and run records (keeps committed results)
 	rm -rf data checkpoints logs outputs multirun results/runs
+
+# ---- published tables ------------------------------------------------------------------------------
+# `make -n reproduce-nystromformer` prints the exact commands. Data: data/<task> (raw or prepared; see
+# README "Getting the data"); each target checks it first and says how to get what is missing.
+BACKENDS ?= softmax nystrom linformer performer
+SEEDS ?= 0
+TRAIN_ARGS ?=
+LRA_TASKS := listops text retrieval image pathfinder
+# The Nyströmformer protocol ran Performer with the ReLU kernel.
+OPTS_nystromformer_performer := attention.kernel=relu
+
+define reproduce_task
+	$(BIN)/lra-data check $(2) --data-dir data/$(2)
+	$(foreach b,$(BACKENDS),$(BIN)/lra-train -m experiment=$(1)/$(2) attention=$(b) $(OPTS_$(1)_$(b)) seed=$(SEEDS) data_dir=data/$(2) $(TRAIN_ARGS)
+	)
+endef
+
+.PHONY: reproduce-nystromformer reproduce-lra $(addprefix reproduce-,$(LRA_TASKS))
+reproduce-nystromformer: $(STAMP) ## Nyströmformer paper's LRA table: 5 tasks x 4 backends (SEEDS=0,1,2 for more seeds)
+	$(foreach t,$(LRA_TASKS),$(call reproduce_task,nystromformer,$(t)))
+	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
+
+reproduce-lra: $(STAMP) ## LRA paper's table (its per-task model sizes), Path-X included
+	$(foreach t,$(LRA_TASKS) pathx,$(call reproduce_task,lra,$(t)))
+	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
+
+reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-pathfinder: reproduce-%: $(STAMP) ## One task of the Nyströmformer table, 4 backends (e.g. make reproduce-listops)
+	$(call reproduce_task,nystromformer,$*)
+	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
+
+leaderboard: $(STAMP) ## Build results/LEADERBOARD.md (+ .csv/.json/.png) from the records in results/runs
+	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md

@@ -57,6 +57,25 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Exit 0 if `lra-train task=TASK data_dir=DIR` has data to start from, else say how to get it."""
+    from lra.data.cache import cache_dir, fingerprint, is_fresh
+
+    reader = _reader(args.task, _task_overrides(args))
+    data_dir = Path(args.data_dir)
+    folder = cache_dir(data_dir, reader)
+    try:
+        root = reader.locate(data_dir)
+    except DataError as err:
+        if is_fresh(folder, reader, None):
+            print(f"{args.task}: prepared cache ready ({folder})")
+            return 0
+        raise DataError(f"{args.task}: no data for it under '{data_dir}'. {err}") from None
+    state = "ready" if is_fresh(folder, reader, fingerprint(reader.source_files(root))) else "to be prepared on first use"
+    print(f"{args.task}: raw data at {root}; cache {state}")
+    return 0
+
+
 def cmd_stats(args) -> int:
     from lra.data.cache import cache_dir, load_manifest
 
@@ -140,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("overrides", nargs="*", help="config overrides as lra-train takes them (use the same ones there), "
                     "e.g. task.max_len=1024 task.reader.text_len=1000")
     pr.set_defaults(func=cmd_prepare)
+
+    ck = sub.add_parser("check", help="say whether lra-train has data for TASK under --data-dir (and how to get it if not)")
+    ck.add_argument("task")
+    ck.add_argument("--data-dir", required=True)
+    ck.add_argument("--max-len", type=int, default=None)
+    ck.add_argument("overrides", nargs="*", help="the config overrides given to lra-train")
+    ck.set_defaults(func=cmd_check)
 
     st = sub.add_parser("stats", help="split sizes, length percentiles, label counts of a prepared cache")
     st.add_argument("task")

@@ -1,6 +1,8 @@
 """Learning-rate schedules (factories used through Hydra `_partial_`)."""
 from __future__ import annotations
 
+import math
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -14,5 +16,30 @@ def warmup_linear(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> 
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return LambdaLR(optimizer, factor)
+
+
+def warmup_rsqrt(optimizer: Optimizer, warmup_steps: int, total_steps: int | None = None) -> LambdaLR:
+    """LRA's `constant * linear_warmup * rsqrt_decay`: lr * min(1, s/w) / sqrt(max(s, w)).
+    The optimizer's lr is the LRA `learning_rate` constant (0.05 for ListOps/Text/Retrieval), so the
+    peak is lr / sqrt(w). `total_steps` is accepted for a uniform factory signature and unused."""
+    w = max(1, int(warmup_steps))
+
+    def factor(step: int) -> float:
+        s = step + 1
+        return min(1.0, s / w) / math.sqrt(max(s, w))
+
+    return LambdaLR(optimizer, factor)
+
+
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """LRA's image/pathfinder `constant * linear_warmup * cosine_decay`: linear warm-up, and a cosine
+    from 1 to 0 over `total_steps` (one cycle)."""
+    w, total = max(1, int(warmup_steps)), max(1, int(total_steps))
+
+    def factor(step: int) -> float:
+        s = step + 1
+        return min(1.0, s / w) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / total)))
 
     return LambdaLR(optimizer, factor)
