@@ -32,7 +32,7 @@ demo-data: $(STAMP) ## Generate the small ListOps set the demo trains on (data/l
 		--train 8000 --val 500 --test 500 --max-depth 3 --max-args 5 --min-len 10 --max-len 64
 
 demo: demo-data ## Train the Nyström model on the small generated ListOps set (a few minutes on 2 CPU cores)
-	$(BIN)/lra-train experiment=demo attention=nystrom
+	$(BIN)/lra-train experiment=demo attention=nystrom attention.num_landmarks=16 attention.conv_kernel=9
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -77,3 +77,27 @@ reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-p
 
 leaderboard: $(STAMP) ## Build results/LEADERBOARD.md (+ .csv/.json/.png) from the records in results/runs
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
+
+# ---- mini-LRA: the four backends on small generated sets, on 2 CPU cores ------------------------------
+# A failed run leaves a `failed` record (shown as FAIL in the table) and the target goes on.
+MINI_RESULTS ?= results/mini
+MINI_PF ?= data/mini/pathfinder
+# Nyström's 64 landmarks would equal the 64-token mini ListOps length (exact attention): use 16.
+OPTS_mini_listops_nystrom := attention.num_landmarks=16 attention.conv_kernel=9
+
+define mini_task
+	$(foreach b,$(BACKENDS),-$(BIN)/lra-train experiment=mini/$(1) attention=$(b) $(OPTS_mini_$(1)_$(b)) results_dir=$(MINI_RESULTS) $(TRAIN_ARGS)
+	)
+endef
+
+mini-lra: demo-data ## Four backends on small generated ListOps and Pathfinder sets (about 30 min on 2 CPU cores) -> results/LEADERBOARD.md
+	@test -f $(MINI_PF)/pathfinder32/curv_baseline/metadata/11.npy || $(BIN)/lra-data generate pathfinder \
+		--out $(MINI_PF) --resolution 32 --difficulty baseline --batches 12 --per-batch 1000 --seed 0 --workers 2
+	$(call mini_task,listops)
+	$(call mini_task,pathfinder)
+	for t in text retrieval image; do \
+		if $(BIN)/lra-data check $$t --data-dir data/$$t >/dev/null 2>&1; then \
+			for b in $(BACKENDS); do $(BIN)/lra-train experiment=mini/$$t attention=$$b results_dir=$(MINI_RESULTS) $(TRAIN_ARGS) || true; done; \
+		else echo "mini-lra: no data/$$t, skipping $$t (lra-data check $$t --data-dir data/$$t says how to get it)"; fi; \
+	done
+	$(BIN)/lra-leaderboard $(MINI_RESULTS) --out results/LEADERBOARD.md

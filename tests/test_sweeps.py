@@ -16,19 +16,21 @@ from hydra import initialize_config_dir
 from hydra.utils import instantiate
 
 from lra.config import CONF_DIR, compose
-from lra.train import run
+from lra.train import build, run
+from models.attention import ATTENTION_BACKENDS
 
 PRESETS = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
                  for p in (CONF_DIR / "experiment").rglob("*.yaml"))
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 
 
+@pytest.mark.parametrize("attention", sorted(ATTENTION_BACKENDS))
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_experiment_preset_composes(preset: str):
-    cfg = compose([f"experiment={preset}"])
-    reader = instantiate(cfg.task.reader)
-    assert reader.max_len <= cfg.model.max_len
-    instantiate(cfg.optimizer), instantiate(cfg.scheduler)  # factories resolve
+def test_every_experiment_preset_composes(preset: str, attention: str):
+    cfg = compose([f"experiment={preset}", f"attention={attention}"])
+    dm, module = build(cfg)  # reader, model (backend options included), optimizer and scheduler factories
+    assert dm.reader.max_len <= cfg.model.max_len
+    module.configure_optimizers()
     if "/" in preset:
         assert cfg.protocol == preset.split("/")[0]
         assert cfg.task.name == preset.split("/")[1]
