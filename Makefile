@@ -13,7 +13,7 @@ DEMO_DATA ?= data/listops-demo
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data test test-fast bench install-bench leaderboard data-listops clean
+.PHONY: help install demo demo-data test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops clean mini-lra
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
@@ -39,6 +39,19 @@ test: $(STAMP) ## Run the whole test suite
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+install-bench: $(STAMP) ## Public reference implementations for lra-bench --with-reference (--no-deps keeps our torch)
+	$(BIN)/python -m pip install -q --no-deps nystrom-attention==0.0.14 linformer==0.2.3 performer-pytorch==1.1.4 \
+		local-attention==1.4.3 axial-positional-embedding==0.2.1
+
+bench: $(STAMP) ## Attention efficiency on an idle machine -> results/bench/cpu-*.json and .png
+	$(BIN)/lra-bench --threads 2
+
+bench-reference: install-bench ## Ours vs nystrom-attention / linformer / performer-pytorch (ours/theirs ratios)
+	$(BIN)/lra-bench --threads 2 --with-reference
+
+bench-approx: $(STAMP) ## Nyström / Performer approximation error against exact softmax
+	$(BIN)/lra-bench --threads 2 --approx
 
 data-listops: $(STAMP) ## Generate the full LRA-size ListOps set (96k/2k/2k) into data/listops
 	$(BIN)/lra-data generate listops --out data/listops

@@ -229,6 +229,14 @@ def test_performer_softmax_kernel_estimates_softmax():
     assert err < 0.06  # ~0.025; unsigned QR features (biased), a 1/Dh scale or padded keys give > 0.07
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_performer_gradients_match_numerical(kernel):
+    q, k, v = (t[:2, :, :7, :4].clone().requires_grad_() for t in make_qkv(dtype=torch.float64))
+    w = torch.randn(6, 4, dtype=torch.float64)
+    mask = padding_mask([7, 5], 7)
+    assert torch.autograd.gradcheck(lambda a, b, c: performer_attention(a, b, c, w, kernel, mask), (q, k, v))
+
+
 def test_performer_redraw_only_in_training():
     torch.manual_seed(0)
     attn = build_attention("performer", num_heads=H, head_dim=DH, num_features=16, redraw=True)
@@ -286,3 +294,74 @@ def test_attention_yamls_match_registry_and_build():
         attn = build_attention(name, num_heads=H, head_dim=DH, max_len=MAX_LEN, **cfg).eval()
         q, k, v = make_qkv()
         assert attn(q, k, v, padding_mask()).shape == (B, H, L, DH)
+
+
+def test_linformer_matches_plain_formula_on_shorter_input():
+    torch.manual_seed(0)
+    attn = LinformerAttention(H, DH, max_len=MAX_LEN, proj_dim=6).double()
+    q, k, v = make_qkv(dtype=torch.float64)
+    mask = padding_mask()
+    keep = mask[:, None, :, None].double()  # padded keys/values zeroed before projection
+    e, f = attn.proj_k[:, :L], attn.proj_v[:, :L]  # only the first L of MAX_LEN columns
+    ref = softmax_reference(q, e @ (k * keep), f @ (v * keep))
+    torch.testing.assert_close(attn(q, k, v, mask), ref)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_no_length_squared_tensor(name, opts):
+    """No op output, forward or backward, has two dimensions as long as the sequence."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append((str(func), tuple(t.shape)))
+            return out
+
+    n = 400  # longer than every option below (landmarks, features, projection, conv blocks)
+    small = {"nystrom": {"num_landmarks": 16}, "performer": {"num_features": 32}, "linformer": {"proj_dim": 16}}
+    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=n, **{**small.get(name, {}), **opts})
+    x = torch.randn(2, n, 16, requires_grad=True)
+    with Shapes() as mode:
+        mha(x, torch.ones(2, n, dtype=torch.bool)).sum().backward()
+    big = [(f, s) for f, s in mode.shapes if sum(d >= n for d in s) >= 2]
+    assert mode.shapes and not big, big[:3]
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
+def test_runs_under_cpu_autocast(name, opts):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts).eval()
+    x = torch.randn(B, L, 16)
+    ref = mha(x, padding_mask())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mha(x, padding_mask())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
+
+
+def test_mixed_precision_parts_stay_fp32_under_autocast(monkeypatch):
+    import models.attention.nystrom as ny
+    import models.attention.performer as pf
+
+    seen = []
+    for module, fn in ((ny, "iterative_pinv"), (pf, "softmax_features")):
+        original = getattr(module, fn)
+
+        def spy(x, *args, _original=original, _fn=fn, **kwargs):
+            seen.append((_fn, x.dtype, torch.is_autocast_enabled("cpu")))
+            return _original(x, *args, **kwargs)
+
+        monkeypatch.setattr(module, fn, spy)
+    q, k, v = make_qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nystrom_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 4, 6, padding_mask())
+        performer_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.randn(8, DH), "softmax")
+    assert sorted(seen) == sorted([("iterative_pinv", torch.float32, False)] + [("softmax_features", torch.float32, False)] * 2)
+    assert ny.NystromAttention.mixed_precision and pf.PerformerAttention.mixed_precision

@@ -1,0 +1,266 @@
+"""lra-bench: efficiency of the attention backends (time, peak memory) and of whole classifiers, the
+side-by-side with public implementations (--with-reference) and approximation quality (--approx).
+
+    lra-bench --threads 2                              # every backend, n = 512 ... 16384, + ListOps model
+    lra-bench --threads 2 --with-reference             # ours vs nystrom-attention / linformer / performer-pytorch
+    lra-bench --threads 2 --approx                     # Nyström / Performer error vs exact softmax
+
+Each configuration runs in a fresh worker process (memory is that process's peak minus its baseline)
+under a per-configuration timeout. Writes results/bench/<device>-<backends>.json and a PNG beside it,
+prints markdown tables and the issue's targets as PASS/FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lra.bench import report
+from lra.bench.runner import cpu_load, machine_info, package_versions, run_config
+from lra.bench.workloads import REFERENCE_PACKAGES
+
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+# The side-by-side settings: dim 64, 2 heads x 32; Nyström 64 landmarks, 6 iterations, conv 33
+# (nystrom-attention's default kernel); Linformer k = 256; Performer 256 features, softmax kernel.
+REFERENCE_OPTIONS = {
+    "nystrom": {"num_landmarks": 64, "pinv_iterations": 6, "conv_kernel": 33},
+    "linformer": {"proj_dim": 256},
+    "performer": {"num_features": 256, "kernel": "softmax"},
+}
+ALL_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+
+
+def _csv(cast: Callable[[str], object]) -> Callable[[str], list]:
+    return lambda text: [cast(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from models.attention import ATTENTION_BACKENDS
+
+    p = argparse.ArgumentParser(prog="lra-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--with-reference", action="store_true", help="time ours beside the public implementations")
+    mode.add_argument("--approx", action="store_true", help="approximation error vs exact softmax")
+    p.add_argument("--backends", type=_csv(str), default=None,
+                   help=f"comma list (default: all of {','.join(ATTENTION_BACKENDS)}; reference: nystrom,linformer,performer)")
+    p.add_argument("--lengths", type=_csv(int), default=list(DEFAULT_LENGTHS), help="comma list of sequence lengths")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--dim", type=int, default=None, help="model dim (default heads x head-dim)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--tasks", type=_csv(str), default=["listops"],
+                   help=f"classifiers at protocol size: comma list of {','.join(ALL_TASKS)}, 'all' or 'none'")
+    p.add_argument("--model-batch", type=int, default=None, help="classifier batch (default: the task's protocol batch)")
+    p.add_argument("--model-length", type=int, default=None, help="classifier length (default: the task's max_len)")
+    p.add_argument("--model-warmup", type=int, default=1)
+    p.add_argument("--model-repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (its worker is killed)")
+    p.add_argument("--memory-limit-mb", type=float, default=None, help="memory cap per configuration (beyond: OOM)")
+    p.add_argument("--keep-going", action="store_true", help="also run lengths above one that ran out of memory/time")
+    p.add_argument("--approx-length", type=int, default=1024)
+    p.add_argument("--out-dir", type=Path, default=Path("results/bench"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.dim = args.dim or args.heads * args.head_dim
+    if args.backends is None:
+        args.backends = list(REFERENCE_PACKAGES) if args.with_reference else list(ATTENTION_BACKENDS)
+    unknown = [b for b in args.backends if b not in ATTENTION_BACKENDS]
+    if unknown:
+        p.error(f"unknown backend(s) {unknown}; valid: {', '.join(ATTENTION_BACKENDS)}")
+    if args.with_reference and any(b not in REFERENCE_PACKAGES for b in args.backends):
+        p.error(f"--with-reference compares {', '.join(REFERENCE_PACKAGES)} only")
+    args.tasks = [] if args.tasks == ["none"] else list(ALL_TASKS) if args.tasks == ["all"] else args.tasks
+    bad = [t for t in args.tasks if t not in ALL_TASKS]
+    if bad:
+        p.error(f"unknown task(s) {bad}; valid: {', '.join(ALL_TASKS)}, all, none")
+    return args
+
+
+def yaml_options(backend: str) -> dict:
+    """The backend's protocol options from conf/attention/<backend>.yaml (everything but `name`)."""
+    from omegaconf import OmegaConf
+
+    from lra.config import CONF_DIR
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "attention" / f"{backend}.yaml"))
+    cfg.pop("name", None)
+    return cfg
+
+
+def check_reference_installed(kinds: Iterable[str]) -> None:
+    from importlib import import_module
+
+    modules = {"nystrom": "nystrom_attention", "linformer": "linformer", "performer": "performer_pytorch"}
+    for kind in kinds:
+        try:
+            import_module(modules[kind])
+        except ImportError as err:
+            pkg, ver = REFERENCE_PACKAGES[kind]
+            raise SystemExit(f"lra-bench --with-reference needs {pkg}=={ver} ({err}); run `make install-bench`")
+
+
+def _spec(args: argparse.Namespace, **fields) -> dict:
+    base = {"workload": "layer", "batch": args.batch, "dim": args.dim, "heads": args.heads, "head_dim": args.head_dim,
+            "dtype": args.dtype, "device": args.device, "threads": args.threads, "warmup": args.warmup,
+            "repeats": args.repeats, "memory_limit_mb": args.memory_limit_mb}
+    return {**base, **fields}
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """One job per worker process: {"label", "entries": [entry keys], "spec"}."""
+    jobs = []
+    for backend in args.backends:
+        for n in sorted(args.lengths):
+            if args.with_reference:
+                opts = REFERENCE_OPTIONS[backend]
+                ours = {"impl": "ours", "backend": backend, "options": opts}
+                ref = {"impl": "reference", "backend": backend, "options": opts}
+                for impl in (ours, ref):
+                    jobs.append({"label": f"{backend} {impl['impl']} n={n} memory", "n": n,
+                                 "spec": _spec(args, n=n, impls=[impl], timing=False)})
+                jobs.append({"label": f"{backend} ours|reference n={n} time", "n": n,
+                             "spec": _spec(args, n=n, impls=[ours, ref], memory=False)})
+            else:
+                impl = {"impl": "ours", "backend": backend, "options": yaml_options(backend)}
+                jobs.append({"label": f"{backend} n={n}", "n": n, "spec": _spec(args, n=n, impls=[impl])})
+    if not args.with_reference:
+        for task in args.tasks:
+            for backend in args.backends:
+                impl = {"impl": "ours", "backend": backend, "options": {}}
+                jobs.append({"label": f"{task} classifier, {backend}", "n": None, "task": task,
+                             "spec": _spec(args, workload="model", task=task, n=0, impls=[impl],
+                                           warmup=args.model_warmup, repeats=args.model_repeats,
+                                           model_batch=args.model_batch, model_length=args.model_length)})
+    return jobs
+
+
+def execute(jobs: list[dict], args: argparse.Namespace, console: Console) -> list[dict]:
+    """Run the jobs; merge per-implementation results into entries keyed by (workload, impl, backend, n)."""
+    entries: dict[tuple, dict] = {}
+    failed_at: dict[tuple, str] = {}  # (impl, backend) -> why larger lengths are skipped
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=args.no_progress, transient=False) as bar:
+        task_id = bar.add_task("lra-bench", total=len(jobs))
+        for job in jobs:
+            spec = job["spec"]
+            bar.update(task_id, description=job["label"])
+            keys = [(spec["workload"], i["impl"], i["backend"], job.get("task")) for i in spec["impls"]]
+            skip = next((failed_at[k] for k in keys if k in failed_at), None)
+            if skip and not args.keep_going:
+                result = {"status": "skipped", "error": skip, "results": []}
+            else:
+                result = run_config(spec, args.timeout)
+            by_impl = {(r["impl"], r["backend"]): r for r in result.get("results", [])}
+            for impl, key in zip(spec["impls"], keys):
+                ekey = (*key, job["n"])
+                e = entries.setdefault(ekey, {
+                    "workload": spec["workload"], "impl": impl["impl"], "backend": impl["backend"], "n": job["n"],
+                    "task": job.get("task"), "options": impl["options"], "status": "ok", "error": None})
+                if result["status"] != "ok":
+                    if e["status"] == "ok":  # keep the first failure of this entry
+                        e["status"], e["error"] = result["status"], result.get("error")
+                    if result["status"] in ("oom", "timeout"):
+                        failed_at.setdefault(key, f"not run: {result['status']} at n={job['n']}")
+                    continue
+                e.update({k: v for k, v in by_impl[(impl["impl"], impl["backend"])].items() if k not in ("impl", "backend")})
+                e["threads"], e["wall_s"] = result.get("threads"), result.get("wall_s")
+                if spec["workload"] == "model":
+                    e.update(n=result.get("n"), batch=result.get("batch"), tokens=result.get("tokens"))
+            bar.advance(task_id)
+    return list(entries.values())
+
+
+def _record(args: argparse.Namespace, mode: str, load_before: dict) -> dict:
+    from lra.training.records import git_sha
+
+    settings = {k: getattr(args, k) for k in ("backends", "lengths", "batch", "heads", "head_dim", "dim", "dtype",
+                                              "device", "threads", "warmup", "repeats", "timeout", "memory_limit_mb")}
+    if mode == "layer":
+        settings.update(tasks=args.tasks, model_warmup=args.model_warmup, model_repeats=args.model_repeats,
+                        model_batch=args.model_batch, model_length=args.model_length)
+    if mode == "reference":
+        settings["reference_options"] = {b: REFERENCE_OPTIONS[b] for b in args.backends}
+    return {"schema": 1, "mode": mode, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(args.device), "versions": package_versions(), "git_sha": git_sha(),
+            "settings": settings, "load_before": load_before}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lra.training.records import write_json_atomic
+
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    load = cpu_load(1.0)
+    if not load["idle"]:
+        console.print(f"[yellow]warning: the CPU is not idle (use {load['cpu_percent']:.0f}% over 1 s, load average "
+                      f"{load['loadavg'][0]:.2f} on {load['cpus']} CPUs): timings will be slower and noisier.[/]")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.approx:
+        return _main_approx(args, console, load, write_json_atomic)
+    mode = "reference" if args.with_reference else "layer"
+    if args.with_reference:
+        check_reference_installed(args.backends)
+    record = _record(args, mode, load)
+    record["results"] = execute(plan(args), args, console)
+    record["threads"] = next((e["threads"] for e in record["results"] if e.get("threads")), args.threads)
+    record["load_after"] = cpu_load(1.0)
+    record["targets"] = report.targets(record)
+    stem = f"{args.device}-{'reference-' if args.with_reference else ''}{'+'.join(args.backends)}"
+    path = args.out_dir / f"{stem}.json"
+    write_json_atomic(path, record)
+    png = report.plot_layers(record, args.out_dir / f"{stem}.png")
+    print(report.layer_table(record))
+    for table in (report.ratio_table(record) if args.with_reference else "", report.model_table(record),
+                  report.targets_table(record["targets"])):
+        if table:
+            print("\n" + table)
+    _warn_if_loaded(record, console)
+    console.print(f"wrote {path} and {png}")
+    return 0
+
+
+def _warn_if_loaded(record: dict, console: Console) -> None:
+    busy = [f"{when}: {load['cpu_percent']:.0f}% CPU, load average {load['loadavg'][0]:.2f}"
+            for when, load in (("before", record["load_before"]), ("after", record["load_after"])) if not load["idle"]]
+    if busy:
+        console.print(f"[yellow]warning: the machine was busy ({'; '.join(busy)}); the timings and the targets "
+                      "decided from them are not final: rerun on an idle machine.[/]")
+
+
+def _main_approx(args: argparse.Namespace, console: Console, load: dict, write_json_atomic: Callable) -> int:
+    import torch
+
+    from lra.bench.approx import approx_tables, count_settings, plot_approx, run_approx
+    from lra.bench.workloads import DTYPES
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = _record(args, "approx", load)
+    record["settings"].update(approx_length=args.approx_length)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=args.no_progress) as bar:
+        tid = bar.add_task("approximation error", total=count_settings(args.approx_length))
+        record["approx"] = run_approx(args.approx_length, args.heads, args.head_dim, DTYPES[args.dtype],
+                                      progress=lambda: bar.advance(tid))
+    record["threads"] = torch.get_num_threads()
+    path = args.out_dir / f"{args.device}-approx.json"
+    write_json_atomic(path, record)
+    png = plot_approx(record["approx"], args.out_dir / f"{args.device}-approx.png")
+    print(approx_tables(record["approx"]))
+    console.print(f"wrote {path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""lra-bench output: markdown tables, PNG plots and the PASS/FAIL targets, all computed from the JSON
+record (never from anything else), so a table can be rebuilt from a saved file."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# The targets of the efficiency issue, checked only under these settings (CPU, fp32, B=2, 2 heads x 32).
+TARGET_SETTINGS = {"device": "cpu", "dtype": "float32", "batch": 2, "heads": 2, "head_dim": 32, "threads": 2}
+LINEAR = ("nystrom", "linformer", "performer")
+DASH = "—"
+
+
+def _cell(entry: dict | None, key: str, metric: str = "median_ms") -> str:
+    if entry is None:
+        return DASH
+    if entry["status"] != "ok":
+        return entry["status"].upper()
+    value = entry.get(key)
+    if isinstance(value, dict):
+        return f"{value[metric]:.1f} ±{value['iqr_ms'] / 2:.1f}"
+    return DASH if value is None else f"{value:.1f}"
+
+
+def _entries(record: dict, workload: str = "layer") -> list[dict]:
+    return [e for e in record["results"] if e["workload"] == workload]
+
+
+def _find(record: dict, impl: str, backend: str, n: int, workload: str = "layer") -> dict | None:
+    for e in _entries(record, workload):
+        if e["impl"] == impl and e["backend"] == backend and e["n"] == n:
+            return e
+    return None
+
+
+def layer_table(record: dict) -> str:
+    """One row per (implementation, backend, n): fwd and fwd+bwd median ms (± half IQR), peak MB."""
+    rows = ["| impl | backend | n | fwd ms | fwd+bwd ms | fwd MB | fwd+bwd MB |", "|---|---|---:|---:|---:|---:|---:|"]
+    for e in _entries(record):
+        rows.append(f"| {e['impl']} | {e['backend']} | {e['n']} | {_cell(e, 'fwd')} | {_cell(e, 'fwdbwd')} | "
+                    f"{_cell(e, 'mem_fwd_mb')} | {_cell(e, 'mem_fwdbwd_mb')} |")
+    return "\n".join(rows)
+
+
+def model_table(record: dict) -> str:
+    entries = _entries(record, "model")
+    if not entries:
+        return ""
+    rows = ["| task | backend | batch x n | train step ms | tokens/s | steps/s | fwd+bwd MB |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        ok = e["status"] == "ok"
+        tps = f"{e['tokens_per_s']:.0f}" if ok else DASH
+        sps = f"{1e3 / e['fwdbwd']['median_ms']:.2f}" if ok else DASH
+        rows.append(f"| {e['task']} | {e['backend']} | {e.get('batch', '?')} x {e['n']} | {_cell(e, 'fwdbwd')} | "
+                    f"{tps} | {sps} | {_cell(e, 'mem_fwdbwd_mb')} |")
+    return "\n".join(rows)
+
+
+def ratio_table(record: dict) -> str:
+    """ours / theirs for time (fwd+bwd, fwd) and memory, per kind and length."""
+    rows = ["| kind | n | fwd+bwd ours/theirs | fwd ours/theirs | memory ours/theirs |", "|---|---:|---:|---:|---:|"]
+    for kind in record["settings"]["backends"]:
+        for n in record["settings"]["lengths"]:
+            ours, theirs = _find(record, "ours", kind, n), _find(record, "reference", kind, n)
+            cells = [_ratio(ours, theirs, "fwdbwd"), _ratio(ours, theirs, "fwd"), _ratio(ours, theirs, "mem_fwdbwd_mb")]
+            rows.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _value(entry: dict | None, key: str) -> float | None:
+    if entry is None or entry["status"] != "ok" or entry.get(key) is None:
+        return None
+    v = entry[key]
+    return v["median_ms"] if isinstance(v, dict) else v
+
+
+def _ratio(a: dict | None, b: dict | None, key: str) -> str:
+    va, vb = _value(a, key), _value(b, key)
+    return f"{va / vb:.2f}" if va is not None and vb else DASH
+
+
+def _settings_match(record: dict) -> str | None:
+    s = {**record["settings"], "device": record["machine"]["device"], "threads": record.get("threads")}
+    wrong = [f"{k}={s.get(k)} (target {v})" for k, v in TARGET_SETTINGS.items() if s.get(k) != v]
+    return ", ".join(wrong) or None
+
+
+def targets(record: dict) -> list[dict]:
+    """The issue's targets that this record can decide: PASS, FAIL, or N/A with the reason."""
+    out: list[dict] = []
+
+    def add(name: str, value: float | None, limit: float, why: str = "") -> None:
+        status = "N/A" if value is None else ("PASS" if value <= limit else "FAIL")
+        out.append({"target": name, "value": value, "limit": limit, "status": status, "note": why})
+
+    mismatch = _settings_match(record)
+    if record["mode"] == "reference":
+        checks = [("nystrom", 4096, "fwdbwd", 0.7, "time"), ("nystrom", 16384, "mem_fwdbwd_mb", 1.0, "peak memory"),
+                  ("performer", 8192, "fwdbwd", 0.7, "time"), ("linformer", 8192, "fwdbwd", 1.0, "time")]
+        for kind, n, key, limit, what in checks:
+            ours, theirs = _find(record, "ours", kind, n), _find(record, "reference", kind, n)
+            va, vb = _value(ours, key), _value(theirs, key)
+            value = va / vb if va is not None and vb else None
+            add(f"{kind} n={n}: {what} ours/theirs <= {limit}", None if mismatch else value, limit,
+                mismatch or ("" if value is not None else "not measured"))
+    elif record["mode"] == "layer":
+        for kind in LINEAR:
+            a, b = _value(_find(record, "ours", kind, 4096), "mem_fwdbwd_mb"), _value(_find(record, "ours", kind, 16384), "mem_fwdbwd_mb")
+            value = b / a if a and b is not None else None
+            add(f"{kind}: peak memory n=16384 / n=4096 <= 4.5", None if mismatch else value, 4.5,
+                mismatch or ("" if value is not None else "not measured"))
+            t, ts = _value(_find(record, "ours", kind, 16384), "fwdbwd"), _value(_find(record, "ours", "softmax", 16384), "fwdbwd")
+            value = t / ts if t is not None and ts else None
+            add(f"{kind}: time at n=16384 / softmax's <= 0.15", None if mismatch else value, 0.15,
+                mismatch or ("" if value is not None else "not measured"))
+    return out
+
+
+def targets_table(items: list[dict]) -> str:
+    if not items:
+        return ""
+    rows = ["| target | value | result |", "|---|---:|---|"]
+    for t in items:
+        value = DASH if t["value"] is None else f"{t['value']:.3f}"
+        rows.append(f"| {t['target']} | {value} | {t['status']}{' (' + t['note'] + ')' if t['note'] else ''} |")
+    return "\n".join(rows)
+
+
+def plot_layers(record: dict, path: Path) -> Path:
+    """Log-log fwd time, fwd+bwd time and fwd+bwd peak memory against n, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("fwd", "forward time (ms)"), ("fwdbwd", "forward+backward time (ms)"),
+              ("mem_fwdbwd_mb", "forward+backward peak memory (MB)")]
+    series: dict[tuple[str, str], list[dict]] = {}
+    for e in _entries(record):
+        series.setdefault((e["impl"], e["backend"]), []).append(e)
+    for ax, (key, label) in zip(axes, panels):
+        for (impl, backend), entries in sorted(series.items()):
+            pts = [(e["n"], _value(e, key)) for e in sorted(entries, key=lambda e: e["n"])]
+            pts = [(n, v) for n, v in pts if v is not None and v > 0]
+            if pts:
+                name = backend if impl == "ours" else f"{backend} (reference)"
+                ax.plot(*zip(*pts), marker="o", linestyle="-" if impl == "ours" else "--", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=label)
+        lengths = sorted({e["n"] for e in _entries(record)})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    s = record["settings"]
+    fig.suptitle(f"{record['machine']['device']} {s['dtype']}, B={s['batch']}, {s['heads']} heads x {s['head_dim']}, "
+                 f"{record['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,131 @@
+"""What lra-bench measures, as closures built inside the worker process.
+
+A workload exposes `forward()` (inference) and `train_step()` (forward + backward; the classifier also
+takes an optimizer step). Two kinds:
+  layer: MultiHeadAttention alone (projections included), ours or a public reference implementation;
+  model: the whole classifier of a task at its protocol size (batch and length from conf/task).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# The public implementations timed by `--with-reference`, as (pip name, version) pairs.
+REFERENCE_PACKAGES = {
+    "nystrom": ("nystrom-attention", "0.0.14"),
+    "linformer": ("linformer", "0.2.3"),
+    "performer": ("performer-pytorch", "1.1.4"),
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Workload:
+    forward: Callable[[], Any]
+    train_step: Callable[[], Any]
+    tokens: int  # tokens per call (batch x length, both documents for Retrieval)
+    batch: int
+    n: int  # sequence length
+
+
+def _hydra_value(v: Any) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def build_reference(kind: str, n: int, dim: int, heads: int, head_dim: int, options: dict) -> nn.Module:
+    """The public implementation of `kind` with the same settings as ours. Imported here only."""
+    try:
+        if kind == "nystrom":
+            from nystrom_attention import NystromAttention
+
+            conv = options.get("conv_kernel", 33)
+            return NystromAttention(dim=dim, dim_head=head_dim, heads=heads, num_landmarks=options["num_landmarks"],
+                                    pinv_iterations=options["pinv_iterations"], residual=conv > 0,
+                                    residual_conv_kernel=conv or 1)
+        if kind == "linformer":
+            from linformer import LinformerSelfAttention
+
+            return LinformerSelfAttention(dim=dim, seq_len=n, k=options["proj_dim"], heads=heads, dim_head=head_dim)
+        if kind == "performer":
+            from performer_pytorch import SelfAttention
+
+            if options.get("kernel", "softmax") != "softmax":
+                raise ValueError("the performer-pytorch comparison uses the softmax kernel")
+            return SelfAttention(dim=dim, heads=heads, dim_head=head_dim, nb_features=options["num_features"])
+    except ImportError as err:
+        pkg, ver = REFERENCE_PACKAGES[kind]
+        raise ImportError(f"{pkg}=={ver} is needed for --with-reference ({err}); run `make install-bench`") from err
+    raise ValueError(f"no reference implementation for '{kind}'; valid: {', '.join(REFERENCE_PACKAGES)}")
+
+
+def layer_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
+    """impl: {"impl": "ours" | "reference", "backend": name, "options": {...}}; input (B, n, dim)."""
+    from models.multihead import MultiHeadAttention
+
+    n, dim, heads, head_dim = spec["n"], spec["dim"], spec["heads"], spec["head_dim"]
+    dtype = DTYPES[spec["dtype"]]
+    if impl["impl"] == "ours":
+        net: nn.Module = MultiHeadAttention(dim, heads, impl["backend"], head_dim=head_dim, max_len=n, **impl["options"])
+        call = lambda x: net(x)  # noqa: E731
+    else:
+        net = build_reference(impl["backend"], n, dim, heads, head_dim, impl["options"])
+        call = lambda x: net(x)  # noqa: E731
+    net = net.to(device=device, dtype=dtype).train()
+    x = torch.randn(spec["batch"], n, dim, device=device, dtype=dtype)  # (B, n, dim)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            call(x)
+
+    def train_step() -> None:
+        call(x).float().square().mean().backward()
+        net.zero_grad(set_to_none=True)
+
+    return Workload(forward, train_step, spec["batch"] * n, spec["batch"], n)
+
+
+def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
+    """The task's classifier (conf/task/<task>.yaml sizes, conf/model defaults) with AdamW."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    from lra.config import compose
+    from models.classifier import build_model
+
+    overrides = [f"task={spec['task']}", f"attention={impl['backend']}"]
+    if spec.get("model_length"):  # a smaller model for quick checks; the protocol size otherwise
+        overrides.append(f"task.max_len={spec['model_length']}")
+    overrides += [f"attention.{k}={_hydra_value(v)}" for k, v in impl["options"].items()]
+    cfg = compose(overrides)
+    vocab_size = get_class(cfg.task.reader._target_).vocab_size  # a class attribute: no data is read
+    num_classes = int(cfg.task.num_classes)
+    m, n = cfg.model, int(cfg.task.max_len)
+    batch = int(spec.get("model_batch") or cfg.data.batch_size)
+    net = build_model(head=cfg.task.head, vocab_size=vocab_size, num_classes=num_classes, max_len=n,
+                      attention=OmegaConf.to_container(cfg.attention, resolve=True), dim=m.dim, depth=m.depth,
+                      heads=m.heads, head_dim=m.head_dim, ffn_dim=m.ffn_dim, dropout=m.dropout, pooling=m.pooling)
+    net = net.to(device=device, dtype=DTYPES[spec["dtype"]]).train()
+    opt = instantiate(cfg.optimizer)(net.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab_size, (batch, n), generator=g).to(device)  # (B, n), all real tokens
+    data = {"input_ids": ids, "mask": torch.ones_like(ids, dtype=torch.bool)}
+    docs = 1
+    if cfg.task.head == "dual":  # Retrieval: a second document per example
+        data.update(input_ids2=ids.roll(1, 0), mask2=data["mask"])
+        docs = 2
+    labels = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            net(data)
+
+    def train_step() -> None:
+        loss = nn.functional.cross_entropy(net(data).float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Workload(forward, train_step, batch * n * docs, batch, n)

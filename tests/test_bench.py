@@ -1,0 +1,133 @@
+"""lra-bench machinery on tiny sizes: records, statuses, tables, plots, target logic. Speed is never
+tested here (the benchmark prints its targets as PASS/FAIL instead)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from lra.bench import report
+from lra.bench.approx import approx_tables, plot_approx, run_approx
+from lra.bench.cli import check_reference_installed, main
+from lra.bench.worker import summarize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--warmup", "1", "--repeats", "2", "--threads", "1", "--no-progress"]
+
+
+def _load(out_dir, stem):
+    record = json.loads((out_dir / f"{stem}.json").read_text())
+    assert (out_dir / f"{stem}.png").read_bytes().startswith(PNG_MAGIC)
+    return record
+
+
+def test_layer_and_model_bench_write_record_table_and_plot(tmp_path, capsys):
+    argv = ["--backends", "nystrom", "--lengths", "32,64", "--tasks", "listops", "--model-batch", "2",
+            "--model-length", "64", "--out-dir", str(tmp_path), *TINY]
+    assert main(argv) == 0
+    record = _load(tmp_path, "cpu-nystrom")
+    assert record["mode"] == "layer" and record["threads"] == 1 and record["settings"]["lengths"] == [32, 64]
+    assert {"cpu_percent", "loadavg", "idle"} <= set(record["load_before"]) and record["versions"]["torch"]
+    layers = [e for e in record["results"] if e["workload"] == "layer"]
+    assert [(e["backend"], e["n"], e["status"]) for e in layers] == [("nystrom", 32, "ok"), ("nystrom", 64, "ok")]
+    for e in layers:
+        assert e["options"]["num_landmarks"] == 64  # the protocol options of conf/attention/nystrom.yaml
+        for key in ("fwd", "fwdbwd"):
+            s = e[key]
+            assert s["runs"] == 2 and 0 < s["min_ms"] <= s["median_ms"] <= s["max_ms"]
+        assert e["mem_fwdbwd_mb"] >= 0 and e["mem_fwd_mb"] is not None
+    (model,) = [e for e in record["results"] if e["workload"] == "model"]
+    assert model["status"] == "ok" and model["task"] == "listops" and (model["batch"], model["n"]) == (2, 64)
+    assert model["tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "| ours | nystrom | 64 |" in out and "| listops | nystrom | 2 x 64 |" in out
+    assert "N/A" in out  # the targets need 2 threads and n up to 16384: not decidable from this run
+
+
+def test_out_of_memory_and_timeout_are_recorded_not_raised(tmp_path, capsys):
+    argv = ["--backends", "softmax", "--lengths", "256,512", "--tasks", "none", "--memory-limit-mb", "1",
+            "--out-dir", str(tmp_path), *TINY]
+    assert main(argv) == 0
+    first, second = _load(tmp_path, "cpu-softmax")["results"]
+    assert first["status"] == "oom" and "allocate" in first["error"]
+    assert second["status"] == "skipped" and "oom at n=256" in second["error"]
+    assert "| ours | softmax | 256 | OOM |" in capsys.readouterr().out
+    argv = ["--backends", "linformer", "--lengths", "64", "--tasks", "none", "--timeout", "0.05",
+            "--out-dir", str(tmp_path), *TINY]
+    assert main(argv) == 0
+    (entry,) = _load(tmp_path, "cpu-linformer")["results"]
+    assert entry["status"] == "timeout" and "0.05 s" in entry["error"]
+
+
+def test_reference_side_by_side(tmp_path, capsys):
+    pytest.importorskip("nystrom_attention")
+    argv = ["--with-reference", "--backends", "nystrom", "--lengths", "64", "--out-dir", str(tmp_path), *TINY]
+    assert main(argv) == 0
+    record = _load(tmp_path, "cpu-reference-nystrom")
+    by_impl = {e["impl"]: e for e in record["results"]}
+    assert set(by_impl) == {"ours", "reference"}
+    for e in by_impl.values():
+        assert e["status"] == "ok" and e["fwdbwd"]["runs"] == 2 and e["mem_fwdbwd_mb"] is not None
+        assert e["options"] == {"num_landmarks": 64, "pinv_iterations": 6, "conv_kernel": 33}
+    assert "| nystrom | 64 |" in capsys.readouterr().out
+
+
+def test_missing_reference_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "linformer", None)  # makes `import linformer` fail
+    with pytest.raises(SystemExit, match="make install-bench"):
+        check_reference_installed(["linformer"])
+
+
+def test_summarize_statistics():
+    s = summarize([0.004, 0.001, 0.003, 0.002, 0.005])
+    assert (s["median_ms"], s["min_ms"], s["max_ms"], s["runs"]) == pytest.approx((3.0, 1.0, 5.0, 5))
+    assert (s["q1_ms"], s["q3_ms"], s["iqr_ms"]) == pytest.approx((2.0, 4.0, 2.0))
+
+
+def _entry(backend, n, ms, mb, impl="ours", status="ok"):
+    return {"workload": "layer", "impl": impl, "backend": backend, "n": n, "status": status,
+            "fwd": {"median_ms": ms / 3, "iqr_ms": 0.0}, "fwdbwd": {"median_ms": ms, "iqr_ms": 0.0},
+            "mem_fwd_mb": mb / 2, "mem_fwdbwd_mb": mb}
+
+
+def _record(mode, results, threads=2):
+    settings = {"dtype": "float32", "batch": 2, "heads": 2, "head_dim": 32, "threads": threads,
+                "backends": ["nystrom", "linformer", "performer"], "lengths": [4096, 8192, 16384]}
+    return {"mode": mode, "machine": {"device": "cpu"}, "threads": threads, "settings": settings, "results": results}
+
+
+def test_targets_pass_fail_and_not_applicable():
+    results = [_entry("softmax", 16384, 10_000, 50)]
+    results += [_entry("nystrom", 4096, 100, 40), _entry("nystrom", 16384, 400, 170)]  # 4.25x memory: PASS
+    results += [_entry("linformer", 4096, 100, 40), _entry("linformer", 16384, 2000, 200)]  # 5x, 0.2: FAIL both
+    got = {t["target"]: t["status"] for t in report.targets(_record("layer", results))}
+    assert got["nystrom: peak memory n=16384 / n=4096 <= 4.5"] == "PASS"
+    assert got["nystrom: time at n=16384 / softmax's <= 0.15"] == "PASS"
+    assert got["linformer: peak memory n=16384 / n=4096 <= 4.5"] == "FAIL"
+    assert got["linformer: time at n=16384 / softmax's <= 0.15"] == "FAIL"
+    assert got["performer: time at n=16384 / softmax's <= 0.15"] == "N/A"  # not measured
+    assert {t["status"] for t in report.targets(_record("layer", results, threads=4))} == {"N/A"}
+    ref = [_entry("nystrom", 4096, 60, 10), _entry("nystrom", 4096, 100, 10, impl="reference"),
+           _entry("performer", 8192, 80, 10), _entry("performer", 8192, 100, 10, impl="reference"),
+           _entry("nystrom", 16384, 60, 10, status="oom")]
+    got = {t["target"]: t["status"] for t in report.targets(_record("reference", ref))}
+    assert got["nystrom n=4096: time ours/theirs <= 0.7"] == "PASS"
+    assert got["performer n=8192: time ours/theirs <= 0.7"] == "FAIL"
+    assert got["nystrom n=16384: peak memory ours/theirs <= 1.0"] == "N/A"
+    assert "OOM" in report.layer_table(_record("reference", ref))
+
+
+def test_approx_errors_match_plain_formula(tmp_path):
+    result = run_approx(n=64, heads=1, head_dim=8, feature_draws=2)
+    rows = result["rows"]
+    assert {r["check"] for r in rows} == {"PASS"}
+    exact_full = [r for r in rows if r["method"] == "nystrom" and r["landmarks"] == 64 and r["pinv_iterations"] is None]
+    assert all(r["error_fp64"] < 1e-8 for r in exact_full)  # landmarks = tokens, exact pinv: softmax itself
+    few = [r["error"] for r in rows if r["method"] == "nystrom" and r["landmarks"] == 16 and r["pinv_iterations"] is None]
+    assert min(few) > 1e-3
+    assert set(result["families"]) == {"random", "structured"}
+    s = result["families"]["structured"]
+    assert s["entropy_nats"] < result["families"]["random"]["entropy_nats"] < s["uniform_entropy_nats"]
+    assert "PASS" in approx_tables(result)
+    assert plot_approx(result, tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC)
