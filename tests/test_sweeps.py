@@ -60,12 +60,14 @@ def _lra_train(args: list[str], cwd: Path) -> subprocess.Popen:
 
 def test_sweep_interrupted_and_resumed_skips_finished_runs(tmp_path: Path, listops_dir: Path):
     runs = tmp_path / "runs"
+    # 300 steps per run (a few seconds) so the kill reliably lands while the second run trains
     args = ["-m", "seed=1,2", "attention=softmax", "experiment=smoke", f"data_dir={listops_dir}",
-            f"results_dir={runs}", f"ckpt_root={tmp_path}/ckpt", "logger=none", "task.max_len=40"]
+            f"results_dir={runs}", f"ckpt_root={tmp_path}/ckpt", "logger=none", "task.max_len=40",
+            "trainer.max_steps=300", "trainer.val_check_interval=100"]
     p = _lra_train(args, tmp_path)
     deadline = time.time() + 180
     while time.time() < deadline and not list(runs.glob("*.json")):
-        time.sleep(0.2)
+        time.sleep(0.02)
     p.send_signal(signal.SIGKILL)  # interrupt the sweep once the first run has its record
     p.wait()
     first = {f.name: json.loads(f.read_text()) for f in runs.glob("*.json")}

@@ -21,7 +21,8 @@ BACKENDS = sorted(ATTENTION_BACKENDS)
 TASKS = task_names()
 RECORD_FIELDS = {"task", "attention", "seed", "val_acc", "test_acc", "steps", "train_seconds", "peak_memory_mb",
                  "params", "config", "git_sha", "versions", "status", "config_hash", "protocol", "best_step",
-                 "hardware", "majority_acc"}
+                 "hardware", "majority_acc", "final_train_loss", "val_history", "precision", "mixed_precision_policy",
+                 "world_size", "resumed_from_step"}
 
 
 def smoke_overrides(tmp: Path, data_dir: Path, attention: str, *extra: str) -> list[str]:
@@ -69,6 +70,9 @@ def test_seeded_runs_are_identical_and_seeds_differ(tmp_path: Path, listops_dir:
     ignore = {"train_seconds", "steps_per_second", "peak_memory_mb", "created", "config", "command"}
     assert {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
     assert a["config_hash"] != c["config_hash"]
+    # a different seed computes something else, not just another hash: other weights, other losses
+    assert a["final_train_loss"] != c["final_train_loss"]
+    assert len(a["val_history"]) == len(c["val_history"]) == 2  # validation at steps 2 and 4
 
 
 def _cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:

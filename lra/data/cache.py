@@ -201,10 +201,12 @@ def build_cache(reader: TaskReader, source: Path, data_dir: Path, progress: bool
             for i, ex in enumerate(_progress(reader.read_split(root, split), f"{reader.name}/{split}", progress)):
                 _check_example(reader, ex, split, i)
                 writer.add(ex)
-        finally:
             info = writer.close()
-        if info["n"] == 0:
-            raise DataError(f"{reader.name}: split '{split}' under {root} has no examples; check the source data.")
+            if info["n"] == 0:
+                raise DataError(f"{reader.name}: split '{split}' under {root} has no examples; check the source data.")
+        except BaseException:
+            _discard_split(writer, partial)
+            raise
         splits[split] = info
         _atomic_json(done, {"stamp": stamp, "info": info})
     manifest = {
@@ -224,6 +226,16 @@ def build_cache(reader: TaskReader, source: Path, data_dir: Path, progress: bool
     else:
         os.replace(partial, final)
     return final
+
+
+def _discard_split(writer: _SplitWriter, partial: Path) -> None:
+    """After a failed split: delete its half-written arrays, and the partial folder if no split finished
+    (finished splits stay, with their done-file, so the next prepare resumes after them)."""
+    for f in writer.files.values():
+        f.close()
+        Path(f.name).unlink(missing_ok=True)
+    if not any(partial.glob("*.done.json")):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _progress(it: Iterable, label: str, enabled: bool) -> Iterator:
@@ -261,10 +273,47 @@ def open_split(folder: Path, split: str) -> CachedSplit:
     n, L = m["splits"][split]["n"], m["max_len"]
 
     def mm(name: str, dtype, shape):
-        return np.memmap(Path(folder) / f"{split}.{name}", dtype=dtype, mode="r", shape=shape)
+        path = Path(folder) / f"{split}.{name}"
+        want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        have = path.stat().st_size if path.is_file() else None
+        if have != want:
+            raise DataError(f"cache file {path} is {'missing' if have is None else f'{have} bytes, expected {want}'}: "
+                            f"the cache is damaged (half-written or altered). Delete {folder} and prepare it again "
+                            "(lra-train rebuilds it from the raw data in data_dir; or `lra-data prepare`).")
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
     out = CachedSplit(mm("ids.u16", np.uint16, (n, L)), mm("len.i32", np.int32, (n,)),
                       mm("labels.i64", np.int64, (n,)))
     if m["pair"]:
         out.ids2, out.lengths2 = mm("ids2.u16", np.uint16, (n, L)), mm("len2.i32", np.int32, (n,))
     return out
+
+
+def resolve_cache(reader: TaskReader, data_dir: Path, progress: bool = True) -> Path:
+    """The cache to train from: a fresh prepared cache under `data_dir`, else one built from raw data
+    found in `data_dir` (prepared once, then reused)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir() or not any(data_dir.iterdir()):
+        raise DataError(
+            f"data_dir '{data_dir}' is missing or empty. For ListOps, generate a set with `lra-data generate "
+            f"listops --out {data_dir}` (or `make demo-data`); for the other tasks put the LRA release (or the "
+            f"task's raw files) there and run `lra-data prepare {reader.name} --source <raw> --data-dir {data_dir}`, "
+            f"or `lra-data download {reader.name}` for where to get them."
+        )
+    folder = cache_dir(data_dir, reader)
+    try:
+        root = reader.locate(data_dir)
+    except DataError:
+        if load_manifest(folder) is not None and is_fresh(folder, reader, None):
+            return folder  # a prepared cache without its raw source
+        if folder.is_dir():
+            raise DataError(
+                f"the {reader.name} cache {folder} cannot be used (its manifest.json is missing, half-written or "
+                f"from another schema version) and data_dir '{data_dir}' holds no raw {reader.name} data to rebuild "
+                f"it from. Delete {folder} and prepare the cache again (`lra-data prepare {reader.name} --source "
+                f"<raw> --data-dir {data_dir}`)."
+            ) from None
+        raise
+    if is_fresh(folder, reader, fingerprint(reader.source_files(root))):
+        return folder
+    return build_cache(reader, data_dir, data_dir, progress=progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,18 +19,25 @@ from lra.data.cache import DataError
 
 
 def _reader(task: str, overrides: list[str]):
+    from hydra.errors import HydraException
     from hydra.utils import instantiate
+    from omegaconf.errors import OmegaConfBaseException
 
     from lra.config import compose, task_names
 
     if task not in task_names():
         raise DataError(f"unknown task '{task}'; valid tasks: {', '.join(task_names())}.")
-    cfg = compose([f"task={task}", *overrides])
+    try:
+        cfg = compose([f"task={task}", *overrides])
+    except (HydraException, OmegaConfBaseException) as err:  # a malformed or unknown KEY=VALUE override
+        raise DataError(f"bad override in {' '.join(overrides)}: {' '.join(str(err).split())}") from None
     try:
         return instantiate(cfg.task.reader)
     except Exception as err:  # Hydra wraps the reader's own DataError (a bad option value)
         if isinstance(err.__cause__, DataError):
             raise err.__cause__ from None
+        if isinstance(err.__cause__, (TypeError, ValueError)):
+            raise DataError(f"bad {task} reader setting in {' '.join(overrides)}: {err.__cause__}") from None
         raise
 
 
@@ -204,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"lra-data: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - one paragraph, as lra-train does; the traceback on request
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"lra-data: error: {type(err).__name__}: {err} (set HYDRA_FULL_ERROR=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

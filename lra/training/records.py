@@ -41,21 +41,29 @@ def git_sha() -> str | None:
 
 
 def versions() -> dict:
-    import lightning
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
     import lra
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+    def of(pkg: str) -> str | None:  # from the installed metadata: no need to import torch or lightning
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": of("torch"), "lightning": of("lightning"),
             "lra": lra.__version__}
 
 
 def hardware() -> dict:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"device": "cuda" if gpu else "cpu", "gpu": gpu, "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    """The machine. A record of a run that failed before torch was loaded has no device fields (null)."""
+    out = {"device": None, "gpu": None, "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": None, "platform": platform.platform()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        out.update(device="cuda" if gpu else "cpu", gpu=gpu, torch_threads=torch.get_num_threads())
+    return out
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

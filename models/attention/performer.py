@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from models.attention.base import AttentionBackend, AttentionConfigError
 
@@ -35,38 +36,57 @@ def orthogonal_features(
     return w * norms[:, None]
 
 
-def favor_features(
-    x: torch.Tensor,
-    projection: torch.Tensor,
-    kernel: str,
-    is_query: bool,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Random features (B, H, L, m) of queries or keys x (B, H, L, Dh), for logits scaled by 1/√Dh.
+def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: bool,
+                     pad_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Positive softmax-kernel features (N*L, m) of rows x2 (N*L, Dh); w (m, Dh) already scaled by Dh^-¼.
 
-    Softmax kernel, stabilised by a max subtracted per query row (queries) or per example and head
-    over the real keys (keys): both factors cancel between numerator and normaliser, as do the
-    query's exp(-|q|²/2) and the constant 1/√m, which are left out. Padded keys (mask False) get
-    all-zero features. One GEMM plus in-place elementwise passes."""
-    B, H, L, D = x.shape
-    w = projection * D**-0.25  # (m, Dh): folds the x / Dh^¼ scaling into the projection
-    x2 = x.reshape(B * H * L, D)  # (B*H*L, Dh); in-place steps below act on 2-D bases, never on views
-    if kernel == "relu":
-        feats = (torch.relu(x2 @ w.T) + RELU_EPS).view(B, H, L, -1)  # (B, H, L, m)
-        if key_padding_mask is not None:
-            feats = feats * key_padding_mask[:, None, :, None].to(feats.dtype)
-        return feats
+    exp(ω·x − |x|²/2) stabilised by a max subtracted per query row (queries) or per example-and-head
+    group over its real keys (keys); both factors cancel between numerator and normaliser, as do the
+    query's exp(−|x|²/2) and the constant 1/√m, which are left out. Padded keys (pad_rows True) get
+    all-zero features. One GEMM plus in-place passes; no autograd (see _FavorSoftmax)."""
     if is_query:
-        z = x2 @ w.T  # (B*H*L, m)
-        return z.sub_(z.detach().amax(-1, keepdim=True)).exp_().view(B, H, L, -1)
-    half_sq = x2.square().sum(-1, keepdim=True).mul_(-0.5 * D**-0.5)  # (B*H*L, 1): -|x/Dh^¼|²/2
-    z = torch.addmm(half_sq, x2, w.T)  # (B*H*L, m)
-    if key_padding_mask is not None:
-        pad_rows = (~key_padding_mask)[:, None, :].expand(B, H, L).reshape(-1, 1)  # (B*H*L, 1)
-        z = z.masked_fill_(pad_rows, float("-inf"))
-    peak = z.detach().view(B, H, L * z.shape[-1]).amax(-1)  # (B, H): per example and head
-    z = z.sub_(peak[:, :, None].expand(B, H, L).reshape(-1, 1))  # (B*H*L, m)
-    return z.exp_().view(B, H, L, -1)  # exp(-inf) = 0 for padded keys
+        z = x2 @ w.T  # (N*L, m)
+        return z.sub_(z.amax(-1, keepdim=True)).exp_()
+    half_sq = x2.square().sum(-1, keepdim=True).mul_(-0.5 * w.shape[-1] ** -0.5)  # (N*L, 1): −|x/Dh^¼|²/2
+    z = torch.addmm(half_sq, x2, w.T)  # (N*L, m)
+    if pad_rows is not None:
+        z.masked_fill_(pad_rows, float("-inf"))
+    zg = z.view(groups, -1)  # (N, L*m)
+    zg.sub_(zg.amax(-1, keepdim=True))
+    return z.exp_()  # exp(−inf) = 0 for padded keys
+
+
+class _FavorSoftmax(torch.autograd.Function):
+    """out = φ(q)ᵀ S / φ(q)ᵀ z, S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j), with a hand-written backward that
+    keeps only the two feature maps and updates gradients in place (a third less memory than autograd)."""
+
+    @staticmethod
+    def forward(ctx, q2, k2, v, w, pad_rows):  # q2, k2: (N*L, Dh); v: (N, L, Dh); w: (m, Dh)
+        N, L, D = v.shape
+        qf = softmax_features(q2, w, N, True).view(N, L, -1)  # (N, L, m)
+        kf = softmax_features(k2, w, N, False, pad_rows).view(N, L, -1)  # (N, L, m)
+        v1 = torch.cat([v, v.new_ones(N, L, 1)], -1)  # (N, L, Dh+1): the last column sums the normaliser
+        s_t = torch.bmm(v1.transpose(1, 2), kf)  # (N, Dh+1, m)
+        o1 = torch.bmm(qf, s_t.transpose(1, 2))  # (N, L, Dh+1)
+        den = o1[..., D:].clamp_min(torch.finfo(o1.dtype).tiny)  # (N, L, 1)
+        out = o1[..., :D] / den  # (N, L, Dh)
+        ctx.save_for_backward(k2, w, v1, qf, kf, s_t, den, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):  # g_out: (N, L, Dh)
+        k2, w, v1, qf, kf, s_t, den, out = ctx.saved_tensors
+        N, L, D = out.shape
+        g_o1 = torch.cat([g_out, -(g_out * out).sum(-1, keepdim=True)], -1).div_(den)  # (N, L, Dh+1)
+        g_s_t = torch.bmm(g_o1.transpose(1, 2), qf)  # (N, Dh+1, m)
+        g_zq = torch.bmm(g_o1, s_t).mul_(qf).view(N * L, -1)  # (N*L, m): d/dz of exp(z) is exp(z)
+        g_q = g_zq @ w  # (N*L, Dh)
+        del g_zq
+        g_v = torch.bmm(kf, g_s_t[:, :D].transpose(1, 2))  # (N, L, Dh)
+        g_zk = torch.bmm(v1, g_s_t).mul_(kf).view(N * L, -1)  # (N*L, m); zero on padded keys
+        g_k = torch.addmm(k2 * g_zk.sum(-1, keepdim=True).mul_(-(D**-0.5)), g_zk, w)  # (N*L, Dh)
+        return g_q, g_k, g_v, None, None
 
 
 def performer_attention(
@@ -81,19 +101,26 @@ def performer_attention(
     Returns (B, H, L, Dh) in q's dtype; features and sums run in at least fp32 with autocast off."""
     if kernel not in KERNELS:
         raise AttentionConfigError(f"performer: kernel must be one of {KERNELS}, got '{kernel}'")
+    B, H, L, D = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
-    D = q.shape[-1]
+    pad_rows = None
+    if key_padding_mask is not None:
+        pad_rows = (~key_padding_mask)[:, None, :].expand(B, H, L).reshape(-1, 1)  # (B*H*L, 1)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        w = projection.to(acc)
-        qf = favor_features(q.to(acc), w, kernel, True)  # (B, H, L, m)
-        kf = favor_features(k.to(acc), w, kernel, False, key_padding_mask)  # (B, H, L, m)
-        ones = torch.ones(*v.shape[:-1], 1, dtype=acc, device=v.device)
-        v1 = torch.cat([v.to(acc), ones], -1)  # (B, H, L, Dh + 1): last column sums the normaliser
-        kv_t = torch.matmul(v1.transpose(-1, -2), kf)  # (B, H, Dh + 1, m); this order keeps the
-        out = torch.matmul(qf, kv_t.transpose(-1, -2))  # (B, H, L, Dh + 1)  feature grads contiguous
-        num, den = out[..., :D], out[..., D:]
-        out = num / den.clamp_min(torch.finfo(acc).tiny)
-    return out.to(q.dtype)
+        w = projection.to(acc) * D**-0.25  # (m, Dh): folds the q / Dh^¼ scaling into the projection
+        q2, k2 = q.to(acc).reshape(B * H * L, D), k.to(acc).reshape(B * H * L, D)  # (B*H*L, Dh)
+        v3 = v.to(acc).reshape(B * H, L, D)  # (B*H, L, Dh)
+        if kernel == "softmax":
+            out = _FavorSoftmax.apply(q2, k2, v3, w, pad_rows)  # (B*H, L, Dh)
+        else:
+            qf = (torch.relu(q2 @ w.T) + RELU_EPS).view(B * H, L, -1)  # (B*H, L, m)
+            kf = torch.relu(k2 @ w.T) + RELU_EPS  # (B*H*L, m)
+            if pad_rows is not None:
+                kf = kf.masked_fill(pad_rows, 0.0)
+            kv = torch.bmm(kf.view(B * H, L, -1).transpose(1, 2), v3)  # (B*H, m, Dh)
+            den = torch.bmm(qf, kf.view(B * H, L, -1).sum(1)[..., None])  # (B*H, L, 1)
+            out = torch.bmm(qf, kv) / den
+    return out.view(B, H, L, D).to(q.dtype)
 
 
 class PerformerAttention(AttentionBackend):
