@@ -326,6 +326,10 @@ def run(cfg: DictConfig) -> dict:
         print(f"[lra] {rid}: finished record exists, skipping ({out}); pass skip_done=false to rerun.")
         return prev
 
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     dm, module = build(cfg, check_data(cfg))
     ckpt_dir = Path(cfg.ckpt_root) / rid
     trainer, best, last = _trainer(cfg, rid, ckpt_dir)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Keys that say where things go or how a run is watched, not what is computed: excluded from the hash.
 NON_IDENTITY_KEYS = ("data_dir", "results_dir", "ckpt_root", "logger", "progress", "resume", "skip_done",
-                     "checkpoint_every", "hydra")
+                     "checkpoint_every", "threads", "hydra")
 NON_IDENTITY_SUBKEYS = {"data": ("num_workers",)}
 
 
