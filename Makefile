@@ -13,7 +13,7 @@ DEMO_DATA ?= data/listops-demo
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops clean mini-lra
+.PHONY: help install demo demo-data test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
@@ -55,6 +55,15 @@ bench-approx: $(STAMP) ## Nyström / Performer approximation error against exact
 
 data-listops: $(STAMP) ## Generate the full LRA-size ListOps set (96k/2k/2k) into data/listops
 	$(BIN)/lra-data generate listops --out data/listops
+
+PF_WORKERS ?= 2
+data-pathfinder: $(STAMP) ## Generate LRA Pathfinder (pf32 hard, 200k images, ~30 CPU-min) into data/pathfinder
+	$(BIN)/lra-data generate pathfinder --out data/pathfinder --resolution 32 --difficulty 14 --batches 200 \
+		--per-batch 1000 --seed 0 --workers $(PF_WORKERS) --check-images 20000 --preview data/pathfinder/preview.png
+
+data-pathx: $(STAMP) ## Generate Path-X (pf128 hard, 200k images, ~7 CPU-hours, resumable) into data/pathx
+	$(BIN)/lra-data generate pathfinder --out data/pathx --resolution 128 --difficulty 14 --batches 200 \
+		--per-batch 1000 --seed 0 --workers $(PF_WORKERS) --check-images 5000 --preview data/pathx/preview.png
 
 clean: ## Remove generated data, checkpoints, logs and run records (keeps committed results)
 	rm -rf data checkpoints logs outputs multirun results/runs
