@@ -9,6 +9,7 @@ EXTRAS ?= dev,tfds
 BIN := $(VENV)/bin
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+BENCH_STAMP := $(VENV)/.installed-bench
 DEMO_DATA ?= data/listops-demo
 PYTEST_ARGS ?=
 
@@ -34,15 +35,18 @@ demo-data: $(STAMP) ## Generate the small ListOps set the demo trains on (data/l
 demo: demo-data ## Train the Nyström model on the small generated ListOps set (a few minutes on 2 CPU cores)
 	$(BIN)/lra-train experiment=demo attention=nystrom attention.num_landmarks=16 attention.conv_kernel=9
 
-test: $(STAMP) ## Run the whole test suite
+test: $(STAMP) $(BENCH_STAMP) ## Run the whole test suite (the reference packages too, so the side-by-side is tested)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## Run the tests not marked slow
+test-fast: $(STAMP) $(BENCH_STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-install-bench: $(STAMP) ## Public reference implementations for lra-bench --with-reference (--no-deps keeps our torch)
+$(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps nystrom-attention==0.0.14 linformer==0.2.3 performer-pytorch==1.1.4 \
 		local-attention==1.4.3 axial-positional-embedding==0.2.1
+	touch $@
+
+install-bench: $(BENCH_STAMP) ## Public reference implementations for lra-bench --with-reference (--no-deps keeps our torch)
 
 bench: $(STAMP) ## Attention efficiency on an idle machine -> results/bench/cpu-*.json and .png
 	$(BIN)/lra-bench --threads 2

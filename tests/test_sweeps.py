@@ -124,8 +124,9 @@ def test_wandb_offline_run_holds_the_result_table(tmp_path: Path, listops_dir: P
 
 def test_make_reproduce_prints_the_exact_commands():
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(["make", "-n", "reproduce-nystromformer", f"STAMP={root / 'pyproject.toml'}"], cwd=root,
-                         capture_output=True, text=True, timeout=60).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}  # under `make test`
+    out = subprocess.run(["make", "--no-print-directory", "-n", "reproduce-nystromformer", f"STAMP={root / 'pyproject.toml'}"],
+                         cwd=root, capture_output=True, text=True, timeout=60, env=env).stdout
     trains = [l for l in out.splitlines() if "lra-train -m" in l]
     assert len(trains) == 20  # 5 tasks x 4 backends
     for task in LRA_TASKS:
