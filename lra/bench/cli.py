@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     console = Console(stderr=True)
-    load = cpu_load(1.0)
+    load = cpu_load(2.0)
     if not load["idle"]:
-        console.print(f"[yellow]warning: the CPU is not idle (use {load['cpu_percent']:.0f}% over 1 s, load average "
+        console.print(f"[yellow]warning: the CPU is not idle (use {load['cpu_percent']:.0f}% over 2 s, load average "
                       f"{load['loadavg'][0]:.2f} on {load['cpus']} CPUs): timings will be slower and noisier.[/]")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.approx:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     record = _record(args, mode, load)
     record["results"] = execute(plan(args), args, console)
     record["threads"] = next((e["threads"] for e in record["results"] if e.get("threads")), args.threads)
-    record["load_after"] = cpu_load(1.0)
+    record["load_after"] = cpu_load(2.0)
     record["targets"] = report.targets(record)
     stem = f"{args.device}-{'reference-' if args.with_reference else ''}{'+'.join(args.backends)}"
     path = args.out_dir / f"{stem}.json"

@@ -58,13 +58,14 @@ def package_versions() -> dict:
     return out
 
 
-def cpu_load(interval: float = 1.0) -> dict:
-    """CPU use over `interval` seconds and the load averages; `idle` is False when other work runs."""
+def cpu_load(interval: float = 2.0) -> dict:
+    """CPU use over `interval` seconds (while no benchmark worker runs) and the load averages.
+    `idle` is decided on the CPU use alone: the load average lags by minutes, so right after a
+    benchmark it still counts the benchmark's own work."""
     percent = psutil.cpu_percent(interval=interval)
     load1, load5, load15 = os.getloadavg()
     cpus = psutil.cpu_count() or 1
-    return {"cpu_percent": percent, "loadavg": [load1, load5, load15], "cpus": cpus,
-            "idle": percent < 10.0 and load1 < 0.25 * cpus}
+    return {"cpu_percent": percent, "loadavg": [load1, load5, load15], "cpus": cpus, "idle": percent < 10.0}
 
 
 def run_config(spec: dict, timeout: float) -> dict:
