@@ -331,7 +331,7 @@ def run(cfg: DictConfig) -> dict:
 
         torch.set_num_threads(int(cfg.threads))
     dm, module = build(cfg, check_data(cfg))
-    ckpt_dir = Path(cfg.ckpt_root) / rid
+    ckpt_dir = Path(cfg.ckpt_root).resolve() / rid  # absolute, as Lightning reports checkpoint paths
     trainer, best, last = _trainer(cfg, rid, ckpt_dir)
     zero = trainer.is_global_zero
     if trainer.world_size > 1 and HydraConfig.initialized() \
@@ -346,8 +346,9 @@ def run(cfg: DictConfig) -> dict:
     final_loss = _final_train_loss(trainer, module)
     val_acc = float(best.best_model_score) * 100 if best.best_model_score is not None else None
     if zero:  # best-*.ckpt files from before a crash that the restored state no longer points at
+        keep = Path(best.best_model_path).resolve() if best.best_model_path else None
         for p in ckpt_dir.glob("best-*.ckpt"):
-            if str(p) != best.best_model_path:
+            if p.resolve() != keep:
                 p.unlink(missing_ok=True)
     test = trainer.test(module, datamodule=dm, ckpt_path=best.best_model_path or None, verbose=False)
     m = re.search(r"step=(\d+)", best.best_model_path or "")

@@ -62,6 +62,18 @@ def test_smoke_training_run_writes_record(tmp_path: Path, listops_dir: Path, att
     assert again["created"] == rec["created"]
 
 
+def test_relative_output_paths(tmp_path: Path, listops_dir: Path, monkeypatch):
+    """Relative results_dir/ckpt_root (the defaults are relative) resolve against the working folder,
+    and the best checkpoint survives to be tested."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["attention=softmax", "experiment=smoke", f"data_dir={listops_dir}", "results_dir=rel/runs",
+                   "ckpt_root=rel/ckpt", "logger=none", "task.max_len=40"])
+    rec = run(cfg)
+    assert rec["status"] == "finished" and rec["best_step"] in (2, 4)
+    assert (tmp_path / "rel" / "runs" / f"{rec['run_id']}.json").is_file()
+    assert list((tmp_path / "rel" / "ckpt" / rec["run_id"]).glob("best-step=*.ckpt"))
+
+
 def test_seeded_runs_are_identical_and_seeds_differ(tmp_path: Path, listops_dir: Path):
     def result(seed: int, sub: str) -> dict:
         return run(compose(smoke_overrides(tmp_path / sub, listops_dir, "nystrom", f"seed={seed}")))
