@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from lra.leaderboard import BACKEND_ORDER, Leaderboard
-from lra.leaderboard_report import atomic_write, title
+from lra.atomic import atomic_write
+from lra.leaderboard_report import title
 from lra.published import AVG_TASKS
 
 PER_ROW = 3  # panels side by side before wrapping

@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from lra.atomic import atomic_write
 from lra.leaderboard import TASK_TITLES, Cell, Leaderboard
 from lra.published import AVG_TASKS, SOURCES, PublishedSource
 
@@ -18,25 +17,6 @@ MISSING = "—"
 AVG_NOTE = ("Avg = mean over the five LRA tasks (ListOps, Text, Retrieval, Image, Pathfinder). Path-X is reported "
             "but left out of Avg, as in the 5-task averages of both papers. A missing or failed task is never "
             "counted as 0.")
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def title(task: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lra.atomic import write_json_atomic
 from lra.config import CONF_DIR
 
 # `precision=` values and what Lightning calls them; 16-mixed on a CPU runs fp16 autocast with a CPU
@@ -364,7 +365,7 @@ def run(cfg: DictConfig) -> dict:
     )
     if not zero:
         return rec
-    records.write_json_atomic(out, rec)
+    write_json_atomic(out, rec)
     _log_result_table(trainer.logger, rec)
     if trainer.logger and hasattr(trainer.logger, "experiment") and type(trainer.logger).__name__ == "WandbLogger":
         trainer.logger.experiment.finish()
@@ -378,7 +379,7 @@ def _fail(cfg: DictConfig, err: BaseException) -> None:
 
     msg = (str(err).strip().splitlines() or [type(err).__name__])[-1]
     try:
-        records.write_json_atomic(records.record_path(cfg), records.make_record(cfg, "failed", error=msg))
+        write_json_atomic(records.record_path(cfg), records.make_record(cfg, "failed", error=msg))
     except Exception:  # noqa: BLE001 - the original error matters more than the record
         pass
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lra.atomic import write_json_atomic
 from lra.bench import report
 from lra.bench.runner import cpu_load, machine_info, package_versions, run_config
 from lra.bench.workloads import REFERENCE_PACKAGES
@@ -197,7 +198,6 @@ def _record(args: argparse.Namespace, mode: str, load_before: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lra.training.records import write_json_atomic
 
     args = parse_args(argv)
     console = Console(stderr=True)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{load['loadavg'][0]:.2f} on {load['cpus']} CPUs): timings will be slower and noisier.[/]")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.approx:
-        return _main_approx(args, console, load, write_json_atomic)
+        return _main_approx(args, console, load)
     mode = "reference" if args.with_reference else "layer"
     if args.with_reference:
         check_reference_installed(args.backends)
@@ -238,7 +238,7 @@ def _warn_if_loaded(record: dict, console: Console) -> None:
                       "decided from them are not final: rerun on an idle machine.[/]")
 
 
-def _main_approx(args: argparse.Namespace, console: Console, load: dict, write_json_atomic: Callable) -> int:
+def _main_approx(args: argparse.Namespace, console: Console, load: dict) -> int:
     import torch
 
     from lra.bench.approx import approx_tables, count_settings, plot_approx, run_approx

@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from lra.atomic import write_json_atomic
+
 SPLITS = ("train", "val", "test")
 SCHEMA_VERSION = 1
 _CHUNK = 1024
@@ -85,12 +87,6 @@ def fingerprint(files: Iterable[Path]) -> dict:
         "bytes": sum(f.stat().st_size for f in files),
         "mtime": max((f.stat().st_mtime for f in files), default=0.0),
     }
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class _SplitWriter:
@@ -208,14 +204,14 @@ def build_cache(reader: TaskReader, source: Path, data_dir: Path, progress: bool
             _discard_split(writer, partial)
             raise
         splits[split] = info
-        _atomic_json(done, {"stamp": stamp, "info": info})
+        write_json_atomic(done, {"stamp": stamp, "info": info})
     manifest = {
         "schema": SCHEMA_VERSION, "task": reader.name, "settings": reader.settings(),
         "source": str(Path(source).resolve()), "source_fingerprint": fp, "max_len": reader.max_len,
         "vocab_size": reader.vocab_size, "num_classes": reader.num_classes, "pair": reader.pair,
         "splits": splits,
     }
-    _atomic_json(partial / "manifest.json", manifest)
+    write_json_atomic(partial / "manifest.json", manifest)
     for split in SPLITS:
         (partial / f"{split}.done.json").unlink()
     if final.exists():

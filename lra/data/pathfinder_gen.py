@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lra.data.cache import DataError
+from lra.atomic import atomic_write
 from lra.data.pathfinder_draw import (DIFFICULTIES, RESOLUTIONS, PathfinderParams, make_params,
                                       normalize_difficulty, render_sample)
 
@@ -119,10 +120,7 @@ def _claim_dir(ddir: Path, settings: dict) -> None:
             raise DataError(f"{ddir} was generated with other settings {diff} (old, new); use another --out "
                             f"or delete the folder")
         return
-    ddir.mkdir(parents=True, exist_ok=True)
-    tmp = ddir / (SETTINGS_FILE + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(settings, indent=1) + "\n")
 
 
 def generate_pathfinder(out: Path, resolution: int, difficulty: str, batches: int, per_batch: int, seed: int,

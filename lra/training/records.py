@@ -66,17 +66,6 @@ def hardware() -> dict:
     return out
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def record_path(cfg: DictConfig) -> Path:
     return Path(cfg.results_dir) / f"{run_id(cfg)}.json"
 
