@@ -20,18 +20,22 @@ import numpy as np
 from PIL import Image
 
 from lra.data.cache import DataError, Example, TaskReader
+from lra.data.pathfinder_draw import DIFFICULTIES, normalize_difficulty
 from lra.data.release import RELEASE_URL, find_in_release
 
 log = logging.getLogger(__name__)
-DIFFICULTIES = {"easy": "curv_baseline", "intermediate": "curv_contour_length_9", "hard": "curv_contour_length_14",
-                "6": "curv_baseline", "9": "curv_contour_length_9", "14": "curv_contour_length_14"}
+FOLDERS = frozenset(folder for folder, _ in DIFFICULTIES.values())  # curv_baseline, curv_contour_length_9, _14
 FRACTIONS = (0.8, 0.1)  # train, val; test is the rest
 
 
 def difficulty_folder(difficulty: str | int) -> str:
-    """`curv_contour_length_14` from itself, `hard` or `14`."""
+    """`curv_contour_length_14` from itself, `hard` or `14` (the generator's names and aliases); any other
+    value is taken as a folder name."""
     d = str(difficulty)
-    return DIFFICULTIES.get(d, d)
+    try:
+        return DIFFICULTIES[normalize_difficulty(d)][0]
+    except ValueError:
+        return d
 
 
 def _is_task_dir(p: Path) -> bool:
@@ -93,7 +97,7 @@ class PathfinderReader(TaskReader):
 
     def _is_this_folder(self, p: Path) -> bool:
         """`p` is a task folder itself, not one of another difficulty or resolution."""
-        other_difficulty = p.name in DIFFICULTIES.values() and p.name != self.difficulty
+        other_difficulty = p.name in FOLDERS and p.name != self.difficulty
         parent = p.parent.name
         other_resolution = re.fullmatch(r"pathfinder\d+", parent) and parent != f"pathfinder{self.resolution}"
         return _is_task_dir(p) and not other_difficulty and not other_resolution
