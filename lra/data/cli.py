@@ -5,7 +5,7 @@
     lra-data prepare TASK --source RAW --data-dir DIR [--max-len N] [KEY=VALUE ...]
     lra-data stats TASK --data-dir DIR [--json] [KEY=VALUE ...]
     lra-data download TASK [--out DIR] [--via auto|tfds|original] [--timeout S]
-    lra-data unpack ARCHIVE --out DIR
+    lra-data unpack ARCHIVE --out DIR [--max-member-size 64G]
 """
 from __future__ import annotations
 
@@ -124,11 +124,26 @@ def cmd_download(args) -> int:
 
 
 def cmd_unpack(args) -> int:
-    from lra.data.release import unpack
+    from lra.data.archive import unpack
 
-    out = unpack(Path(args.archive), Path(args.out), progress=not args.quiet)
+    out = unpack(Path(args.archive), Path(args.out), progress=not args.quiet,
+                 max_member=parse_size(args.max_member_size, "--max-member-size"))
     print(f"unpacked {args.archive} into {out}")
     return 0
+
+
+def parse_size(text: str, option: str) -> int:
+    """'123', '500M', '64G' -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DataError(f"{option}={text!r} is not a size; give bytes or a number with K, M, G or T (e.g. 64G).")
+    return int(value * units[unit])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,9 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--quiet", action="store_true")
     dl.set_defaults(func=cmd_download)
 
-    up = sub.add_parser("unpack", help="unpack a (gzipped) tar such as lra_release.gz, refusing unsafe paths")
+    up = sub.add_parser("unpack", help="unpack a (gzipped) tar such as lra_release.gz: regular files and folders "
+                        "only, all inside --out; links, absolute names and '..' are refused")
     up.add_argument("archive")
     up.add_argument("--out", required=True)
+    up.add_argument("--max-member-size", default="64G",
+                    help="refuse members larger than this (bytes, or with K/M/G/T suffix; default 64G)")
     up.add_argument("--quiet", action="store_true")
     up.set_defaults(func=cmd_unpack)
     return p

@@ -23,7 +23,7 @@ import numpy as np
 
 from lra.data import tfds_source
 from lra.data.cache import DataError, Example, TaskReader
-from lra.data.release import iter_tar
+from lra.data.archive import iter_tar
 
 SOURCE_FORMATS = ("auto", "tfds", "pickles")
 TFDS_NAME = "cifar10"
@@ -32,6 +32,7 @@ BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 TFDS_SPLITS = {"train": "train[:90%]", "val": "train[90%:]", "test": "test"}
+MAX_BATCH_BYTES = 256 << 20  # a CIFAR-10 python batch is ~31 MB
 LUMA = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)
 
 
@@ -140,11 +141,14 @@ class ImageReader(TaskReader):
         blobs: dict[str, tuple[bytes, str]] = {}
         if root.is_file():
             pattern = re.compile(rf"(?:^|/){re.escape(BATCH_DIR)}/({'|'.join(names)})$")
-            for member, data in iter_tar(root, lambda n: pattern.search(n) is not None):
+            for member, data in iter_tar(root, lambda n: pattern.search(n) is not None, max_member=MAX_BATCH_BYTES):
                 blobs[pattern.search(member).group(1)] = (data, f"{root} member '{member}'")
         else:
             for n in names:
                 if (root / n).is_file():
+                    if (root / n).stat().st_size > MAX_BATCH_BYTES:
+                        raise DataError(f"{root / n} is {(root / n).stat().st_size} bytes, far more than a CIFAR-10 "
+                                        f"batch (~31 MB); it is not one. Download {CIFAR_URL} again.")
                     blobs[n] = ((root / n).read_bytes(), str(root / n))
         missing = [n for n in names if n not in blobs]
         if missing:

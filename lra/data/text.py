@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
 
 from lra.data import tfds_source
 from lra.data.cache import DataError, Example, TaskReader
-from lra.data.release import iter_tar
+from lra.data.archive import iter_tar
 
 LABELS = {"neg": 0, "pos": 1}  # TFDS ClassLabel(names=["neg", "pos"])
 SOURCE_FORMATS = ("auto", "tfds", "aclimdb")
@@ -26,7 +26,29 @@ TFDS_NAME, TFDS_CONFIG = "imdb_reviews", "plain_text"
 ACLIMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 # The split folder each LRA split reads: the test set doubles as validation set.
 SPLIT_DIRS = {"train": "train", "val": "test", "test": "test"}
+MAX_REVIEW_BYTES = 64 << 20  # IMDb reviews are < 15 KB; an archive member this large is not a review
 _REVIEW = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
+
+
+def stripped_prefix(f: IO[bytes], n: int, chunk: int = 1 << 16) -> bytes:
+    """`f.read().strip()[:n]` in memory bounded by n + chunk, however long the file."""
+    head = b""
+    while not head:  # skip leading whitespace
+        block = f.read(chunk)
+        if not block:
+            return b""
+        head = block.lstrip()
+    while len(head) < n:
+        block = f.read(chunk)
+        if not block:  # the whole text is here: strip its end
+            return head.rstrip()[:n]
+        head += block
+    kept, rest = head[:n], head[n:]
+    while not rest.strip():  # does the text go on after the cut? If only whitespace follows, strip it
+        rest = f.read(chunk)
+        if not rest:
+            return kept.rstrip()
+    return kept
 
 
 def encode_bytes(data: bytes, length: int) -> np.ndarray:
@@ -104,14 +126,18 @@ class TextReader(TaskReader):
                                 f"with pos/ and neg/. Unpack {ACLIMDB_URL} again.")
             items += [(y, _review_id(p.name), p) for p in folder.glob("*.txt")]
         for y, _, path in sorted(items, key=lambda t: (t[0], t[1])):
-            yield Example(ids=encode_bytes(path.read_bytes().strip(), self.text_len), label=y)
+            with open(path, "rb") as f:
+                text = stripped_prefix(f, self.text_len)
+            yield Example(ids=encode_bytes(text, self.text_len), label=y)
 
     def _read_tar(self, archive: Path, split: str) -> Iterator[Example]:
         sub = SPLIT_DIRS[split]
         items = []  # (label, id, first bytes): at most text_len bytes per review are kept
-        for name, data in iter_tar(archive, lambda n: (m := _REVIEW.search(n)) is not None and m.group(1) == sub):
+        accept = lambda n: (m := _REVIEW.search(n)) is not None and m.group(1) == sub  # noqa: E731
+        for name, text in iter_tar(archive, accept, read=lambda f: stripped_prefix(f, self.text_len),
+                                   max_member=MAX_REVIEW_BYTES):
             m = _REVIEW.search(name)
-            items.append((LABELS[m.group(2)], int(m.group(3)), data.strip()[: self.text_len]))
+            items.append((LABELS[m.group(2)], int(m.group(3)), text))
         if not items:
             raise DataError(f"archive '{archive}' holds no aclImdb/{sub}/{{pos,neg}}/*.txt reviews; it is not the "
                             f"aclImdb_v1.tar.gz archive from {ACLIMDB_URL}.")
