@@ -1,0 +1,75 @@
+"""Sparse Transformer attention, "fixed" factorised pattern (Child et al. 2019, "Generating Long
+Sequences with Sparse Transformers", section 4.3), bidirectional for classification.
+
+Pattern, with stride l = `block_size` and c = `summary`: query i attends to key j iff
+
+    j // l == i // l               (A1: its own block, the "local" part)
+ or j mod l >= l - c               (A2: the "summary" columns, the last c positions of every block)
+ [and j <= i                       only with causal=True]
+
+Heads: every head uses the union A1 ∪ A2 (the paper's "merged" variant, the one LRA runs), not the
+two-head variant with A1 in one head and A2 in the other. The paper writes A2 as
+j mod l ∈ {l - c, ..., l}; we read it as the last c positions. LRA's code reads the "l" as 0 and also
+keeps column 0 of each block (c + 1 summary columns), and applies a causal mask even in its
+classification encoders; causal=True reproduces the latter, the default is the bidirectional
+pattern. Memory O(L * (l + c * L / l)).
+"""
+from __future__ import annotations
+
+import torch
+
+from models.attention._blocks import block_sparse_attention, num_blocks
+from models.attention.base import AttentionBackend, AttentionConfigError
+
+
+class SparseAttention(AttentionBackend):
+    """Fixed sparse pattern: own stride block plus the summary columns of every block.
+    q, k, v, out: (B, H, L, Dh); mask (B, L) bool, True = real token. Any length (padded internally)."""
+
+    name = "sparse"
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        max_len: int | None = None,
+        block_size: int = 50,
+        summary: int = 10,
+        causal: bool = False,
+    ) -> None:
+        super().__init__(num_heads, head_dim, max_len)
+        if block_size < 1:
+            raise AttentionConfigError(f"sparse: block_size (stride l) must be >= 1, got {block_size}")
+        if not 1 <= summary <= block_size:
+            raise AttentionConfigError(
+                f"sparse: summary (c, summary columns per block) must be in [1, block_size={block_size}], got {summary}"
+            )
+        self.block_size, self.summary, self.causal = block_size, summary, causal
+
+    def summary_positions(self, length: int, device: torch.device | None = None) -> torch.Tensor:
+        """(G,) positions j < length with j mod l >= l - c."""
+        pos = torch.arange(length, device=device)
+        return pos[pos % self.block_size >= self.block_size - self.summary]
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        L, l, dev = q.shape[2], self.block_size, q.device
+        nb = num_blocks(L, l)
+        own = torch.arange(nb, device=dev)[None, :, None]  # (1, nb, 1): A1, the query's own block
+        summ = self.summary_positions(L, dev)  # (G,): A2
+        # a summary column of the query's own block is already among its own block's keys
+        extra_allowed = (summ // l)[None, None, :] != torch.arange(nb, device=dev)[:, None, None]  # (nb, 1, G)
+        allowed = None
+        if self.causal:
+            qpos = torch.arange(nb * l, device=dev).view(nb, l, 1)  # (nb, l, 1)
+            allowed = (qpos >= qpos.transpose(1, 2))[None]  # (1, nb, l, l): own block, j <= i
+            extra_allowed = extra_allowed & (summ[None, None, :] <= qpos)  # (nb, l, G)
+        return block_sparse_attention(q, k, v, key_padding_mask, l, own, allowed, summ, extra_allowed)
+
+    def extra_repr(self) -> str:
+        return f"block_size={self.block_size}, summary={self.summary}, causal={self.causal}"
