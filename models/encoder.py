@@ -20,6 +20,9 @@ class EncoderConfig:
     ffn_dim: int = 128
     dropout: float = 0.1
     cls: bool = False  # prepend a learned CLS vector (not a vocabulary id) after embedding
+    # None: the token table keeps nn.Embedding's N(0, 1) and positions start N(0, 0.02); a float: both
+    # start N(0, std) (the Nyströmformer authors' code: 0.02)
+    embed_init_std: float | None = None
 
 
 class Block(nn.Module):
@@ -39,19 +42,36 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """(B, L) token ids + (B, L) mask (True = real token) -> (B, L', dim) states, L' = L (+1 with CLS)."""
+    """(B, L) token ids + (B, L) mask (True = real token) -> (B, L', dim) states, L' = L (+1 with CLS).
+
+    Cross-layer sharing: after the layers are built, every later layer's backend that defines
+    `tie_to(first: AttentionBackend) -> None` is handed layer 0's backend, and may take parameters from it
+    (Linformer's `layerwise` sharing). Sharing thus stays inside one model instance: no class attribute,
+    no global state, two models never share.
+    """
 
     def __init__(self, cfg: EncoderConfig, attention: str, **attention_kwargs) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_len + int(cfg.cls), cfg.dim))
-        nn.init.normal_(self.pos, std=0.02)
+        if cfg.embed_init_std is None:
+            nn.init.normal_(self.pos, std=0.02)
+        else:
+            if cfg.embed_init_std <= 0:
+                raise ValueError(f"model.embed_init_std must be > 0 or null, got {cfg.embed_init_std}")
+            nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
+            nn.init.normal_(self.pos, std=cfg.embed_init_std)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, attention, attention_kwargs) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.blocks[0].attn.attn.check_length(cfg.max_len + int(cfg.cls))
+        first = self.blocks[0].attn.attn
+        first.check_length(cfg.max_len + int(cfg.cls))
+        for block in self.blocks[1:]:
+            tie = getattr(block.attn.attn, "tie_to", None)
+            if tie is not None:
+                tie(first)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L = ids.shape

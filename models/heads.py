@@ -6,25 +6,42 @@ from torch import nn
 
 from models.encoder import Encoder
 
+POOLINGS = ("mean", "mean_padded", "cls")
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
 
 def pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, L, dim) -> (B, dim). `mean` averages real tokens only; `cls` takes position 0."""
+    """(B, L, dim) states, (B, L) mask (True = real token) -> (B, dim).
+
+    `mean` averages the real tokens; `cls` takes position 0; `mean_padded` sums the real tokens and
+    divides by the padded length L (the Nyströmformer authors' code: a defect, kept only as a switch:
+    a short sequence's pooled vector shrinks with the padding)."""
     if mode == "cls":
         return states[:, 0]
+    m = mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
     if mode == "mean":
-        m = mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
         return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
-    raise ValueError(f"unknown pooling '{mode}'; valid: mean, cls")
+    if mode == "mean_padded":
+        return (states * m).sum(1) / states.shape[1]
+    raise ValueError(f"unknown pooling '{mode}'; valid: {', '.join(POOLINGS)}")
+
+
+def classifier_mlp(in_dim: int, hidden: int, num_classes: int, activation: str) -> nn.Sequential:
+    """Linear(in_dim -> hidden) -> activation -> Linear(hidden -> num_classes)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown head activation '{activation}'; valid: {', '.join(ACTIVATIONS)}")
+    return nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, num_classes))
 
 
 class SequenceClassifier(nn.Module):
-    """Encoder -> pooled vector -> Linear/GELU/Linear logits."""
+    """Encoder -> pooled vector -> Linear/activation/Linear logits. `hidden` None = the model dim."""
 
-    def __init__(self, encoder: Encoder, num_classes: int, pooling: str = "mean", hidden: int | None = None):
+    def __init__(self, encoder: Encoder, num_classes: int, pooling: str = "mean", hidden: int | None = None,
+                 activation: str = "gelu"):
         super().__init__()
         dim = encoder.cfg.dim
         self.encoder, self.pooling = encoder, pooling
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden or dim), nn.GELU(), nn.Linear(hidden or dim, num_classes))
+        self.mlp = classifier_mlp(dim, hidden or dim, num_classes, activation)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         states, mask = self.encoder(batch["input_ids"], batch["mask"])
@@ -35,11 +52,12 @@ class DualClassifier(nn.Module):
     """Two-tower Retrieval head: one shared encoder embeds both documents into u, v; the classifier
     reads [u, v, u*v, u-v]. No cross-attention between the documents."""
 
-    def __init__(self, encoder: Encoder, num_classes: int, pooling: str = "mean", hidden: int | None = None):
+    def __init__(self, encoder: Encoder, num_classes: int, pooling: str = "mean", hidden: int | None = None,
+                 activation: str = "gelu"):
         super().__init__()
         dim = encoder.cfg.dim
         self.encoder, self.pooling = encoder, pooling
-        self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden or dim), nn.GELU(), nn.Linear(hidden or dim, num_classes))
+        self.mlp = classifier_mlp(4 * dim, hidden or dim, num_classes, activation)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         B = batch["input_ids"].shape[0]

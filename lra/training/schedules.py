@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 
 def warmup_linear(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
@@ -43,3 +43,16 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> 
         return min(1.0, s / w) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / total)))
 
     return LambdaLR(optimizer, factor)
+
+
+def one_cycle(optimizer: Optimizer, warmup_steps: int, total_steps: int, anneal_strategy: str = "linear",
+              cycle_momentum: bool = True, div_factor: float = 25.0, final_div_factor: float = 1e4) -> OneCycleLR:
+    """PyTorch's own `OneCycleLR`, as the Nyströmformer authors' LRA code ran it: peak = the optimizer's
+    lr, pct_start = warmup_steps / total_steps, start at peak / div_factor, end at
+    start / final_div_factor. With `cycle_momentum` (PyTorch's default, and theirs) it also cycles
+    AdamW's beta1 0.95 -> 0.85 at the peak -> 0.95, overriding the optimizer's betas[0]."""
+    total = max(1, int(total_steps))
+    peak = [group["lr"] for group in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=min(1.0, max(0, int(warmup_steps)) / total),
+                      anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum, div_factor=div_factor,
+                      final_div_factor=final_div_factor)

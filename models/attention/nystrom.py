@@ -2,10 +2,18 @@
 
     softmax(Q Kᵀ/√d) V  ≈  softmax(Q K̃ᵀ/√d) · pinv(softmax(Q̃ K̃ᵀ/√d)) · softmax(Q̃ Kᵀ/√d) V
 
-Q̃, K̃ are m landmarks: means of consecutive segments of the sequence (padded to a multiple of m),
-taken over real tokens only. A segment holding no real token gives no landmark: it is masked out of
-every kernel, which is the same as running with the non-empty landmarks alone. The pseudo-inverse
-is the paper's iteration, started per example and head from Z0 = Aᵀ / (‖A‖₁ ‖A‖∞).
+Q̃, K̃ are m landmarks: means of consecutive segments of the sequence, taken over real tokens only.
+`segments` says where the segments are cut:
+  padded  m equal segments of the padded length (padded up to a multiple of m), as the authors' code:
+          a short example in a long padded batch gets few non-empty landmarks, and its outputs change
+          with the padded length (task.max_len);
+  real    m segments of each example's own real tokens (token r of n goes to segment ⌊r·m/n⌋): every
+          example with n >= m tokens gets m landmarks, whatever the padding.
+A segment holding no real token gives no landmark: it is masked out of every kernel, which is the same as
+running with the non-empty landmarks alone. (`pad_in_landmarks=True` is the authors' defect, as a switch:
+padded positions count as zeros in the means and empty segments stay as zero landmarks.) The
+pseudo-inverse is the paper's iteration from Z0 = Aᵀ / (‖A‖₁ ‖A‖∞), the norms per example and head
+(`pinv_init="batch"`: one maximum over the whole batch, the authors' code, which couples batch mates).
 
 The two outer kernels are computed by the fused `scaled_dot_product_attention` (their rows are
 softmaxes), so no (L, m) matrix is kept for backward and nothing is L x L:
@@ -30,13 +38,22 @@ def _identity(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.eye(m, dtype=dtype, device=device)
 
 
-def iterative_pinv(a: torch.Tensor, iterations: int) -> torch.Tensor:
+PINV_INITS = ("per_example", "batch")
+SEGMENTS = ("padded", "real")
+
+
+def iterative_pinv(a: torch.Tensor, iterations: int, init: str = "per_example") -> torch.Tensor:
     """Moore-Penrose pseudo-inverse of each (m, m) matrix in `a` (..., m, m) by the iteration of the
-    Nyströmformer paper:  Z <- Z/4 (13 I - AZ (15 I - AZ (7 I - AZ))),  Z0 = Aᵀ / (‖A‖₁ ‖A‖∞),
-    where both norms are taken per matrix (an example never sees its batch mates)."""
+    Nyströmformer paper:  Z <- Z/4 (13 I - AZ (15 I - AZ (7 I - AZ))),  Z0 = Aᵀ / (‖A‖₁ ‖A‖∞).
+    init "per_example": both norms per matrix (an example never sees its batch mates); "batch": one
+    maximum over every matrix in `a` (the authors' code; their row sums are all 1, so ‖A‖∞ = 1)."""
     *batch, m, _ = a.shape
     abs_a = a.abs()
     scale = abs_a.sum(-2).amax(-1) * abs_a.sum(-1).amax(-1)  # (...,) max column sum x max row sum
+    if init == "batch":
+        scale = scale.amax().expand_as(scale)
+    elif init != "per_example":
+        raise AttentionConfigError(f"nystrom: pinv_init must be one of {', '.join(PINV_INITS)}, got '{init}'")
     a3 = a.reshape(-1, m, m)  # (N, m, m)
     z = a3.transpose(1, 2) / scale.reshape(-1, 1, 1)
     eye = _identity(m, a.dtype, a.device)
@@ -50,12 +67,14 @@ def iterative_pinv(a: torch.Tensor, iterations: int) -> torch.Tensor:
 
 
 def segment_means(
-    x: torch.Tensor, key_padding_mask: torch.Tensor | None, num_segments: int
+    x: torch.Tensor, key_padding_mask: torch.Tensor | None, num_segments: int, pad_in_means: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Means of `num_segments` consecutive segments of x (B, H, L, Dh) over real tokens.
+    """Means of `num_segments` consecutive segments of the padded length of x (B, H, L, Dh).
 
     L is padded to a multiple of num_segments. Returns the landmarks (B, H, m, Dh) and a (B, m) bool
-    mask (True = the segment holds a real token), or None when every segment is full and unmasked."""
+    mask (True = the segment holds a real token), or None when every segment is full and unmasked.
+    Means are over real tokens; `pad_in_means` (the authors' code) divides by the segment length instead
+    (padded positions count as zeros) and returns no mask (empty segments stay as zero landmarks)."""
     B, H, L, D = x.shape
     m = num_segments
     seg = -(-L // m)  # tokens per segment after padding
@@ -66,10 +85,62 @@ def segment_means(
     if key_padding_mask is not None:
         x = x.masked_fill(~real[:, None, :, None], 0.0)  # padded tokens carry nothing, whatever their value
     x = F.pad(x, (0, 0, 0, pad))  # (B, H, m*seg, Dh)
-    counts = F.pad(real, (0, pad)).reshape(B, m, seg).sum(-1)  # (B, m) real tokens per segment
     sums = x.reshape(B, H, m, seg, D).sum(-2)  # (B, H, m, Dh)
+    if pad_in_means:
+        return sums / seg, None
+    counts = F.pad(real, (0, pad)).reshape(B, m, seg).sum(-1)  # (B, m) real tokens per segment
     means = sums / counts.clamp_min(1)[:, None, :, None].to(x.dtype)
     return means, counts > 0
+
+
+def real_segment_weights(key_padding_mask: torch.Tensor, num_segments: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, m, L) averaging weights of `num_segments` segments of each example's real tokens: the r-th of
+    n real tokens (mask (B, L), True = real) belongs to segment ⌊r·m/n⌋; each non-empty row sums to 1,
+    an empty segment's row (n < m) is all zero."""
+    B, L = key_padding_mask.shape
+    m = num_segments
+    real = key_padding_mask
+    rank = real.long().cumsum(-1) - 1  # (B, L): r for the r-th real token
+    n = real.sum(-1, keepdim=True).clamp_min(1)  # (B, 1)
+    seg = torch.where(real, rank * m // n, m)  # (B, L): padded tokens go to a dropped segment m
+    onehot = torch.zeros(B, m + 1, L, dtype=dtype, device=real.device).scatter_(1, seg[:, None, :], 1.0)[:, :m]
+    return onehot / onehot.sum(-1, keepdim=True).clamp_min(1.0)  # (B, m, L)
+
+
+def landmarks(
+    q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, m: int, segments: str = "padded",
+    pad_in_landmarks: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(Q̃, K̃, mask): landmarks (B, H, m, Dh) of q and k cut as `segments` says, and the (B, m) mask of
+    non-empty landmarks (None: all non-empty or all kept)."""
+    if segments == "padded":
+        q_land, land_mask = segment_means(q, key_padding_mask, m, pad_in_landmarks)
+        k_land, _ = segment_means(k, key_padding_mask, m, pad_in_landmarks)
+        return q_land, k_land, land_mask
+    if segments != "real":
+        raise AttentionConfigError(f"nystrom: segments must be one of {', '.join(SEGMENTS)}, got '{segments}'")
+    B, H, L, D = q.shape
+    real = torch.ones(B, L, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    w = real_segment_weights(real, m, q.dtype)  # (B, m, L)
+    land_mask = w.sum(-1) > 0  # (B, m): fewer real tokens than landmarks leaves segments empty
+    pad = ~real[:, None, :, None]  # (B, 1, L, 1)
+    q_land = torch.matmul(w[:, None], q.masked_fill(pad, 0.0))  # (B, H, m, Dh)
+    k_land = torch.matmul(w[:, None], k.masked_fill(pad, 0.0))  # (B, H, m, Dh)
+    return q_land, k_land, None if bool(land_mask.all()) else land_mask
+
+
+def nonempty_landmarks(key_padding_mask: torch.Tensor | None, B: int, L: int, num_landmarks: int,
+                       segments: str = "padded") -> torch.Tensor:
+    """(B,) number of landmarks holding at least one real token, as `nystrom_attention` cuts them."""
+    m = min(num_landmarks, L)
+    if key_padding_mask is None:
+        return torch.full((B,), m)
+    n = key_padding_mask.sum(-1)  # (B,)
+    if segments == "real":
+        return n.clamp_max(m)
+    seg = -(-L // m)
+    counts = F.pad(key_padding_mask, (0, m * seg - L)).reshape(B, m, seg).sum(-1)  # (B, m)
+    return (counts > 0).sum(-1)
 
 
 def nystrom_attention(
@@ -79,18 +150,21 @@ def nystrom_attention(
     num_landmarks: int,
     pinv_iterations: int | None = 6,
     key_padding_mask: torch.Tensor | None = None,
+    segments: str = "padded",
+    pinv_init: str = "per_example",
+    pad_in_landmarks: bool = False,
 ) -> torch.Tensor:
     """Nyström approximation of softmax attention, scale 1/sqrt(Dh), no conv skip.
 
     q, k, v: (B, H, L, Dh); key_padding_mask: (B, L) bool, True = real token. Returns (B, H, L, Dh) in
     q's dtype. `num_landmarks` >= L uses every token as a landmark (exact up to the pseudo-inverse);
     `pinv_iterations=None` uses the exact torch.linalg.pinv. The middle kernel and its pseudo-inverse
-    are computed in at least fp32, with autocast off."""
+    are computed in at least fp32, with autocast off. segments / pinv_init / pad_in_landmarks: see the
+    module docstring."""
     B, H, L, D = q.shape
     m = min(num_landmarks, L)
     scale = 1.0 / math.sqrt(D)
-    q_land, land_mask = segment_means(q, key_padding_mask, m)  # (B, H, m, Dh), (B, m) | None
-    k_land, _ = segment_means(k, key_padding_mask, m)
+    q_land, k_land, land_mask = landmarks(q, k, key_padding_mask, m, segments, pad_in_landmarks)
     key_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, L)
     land_attn_mask = None if land_mask is None else land_mask[:, None, None, :]  # (B, 1, 1, m)
 
@@ -110,7 +184,7 @@ def nystrom_attention(
         if pinv_iterations is None:
             kernel2_inv = torch.linalg.pinv(kernel2)
         else:
-            kernel2_inv = iterative_pinv(kernel2, pinv_iterations)
+            kernel2_inv = iterative_pinv(kernel2, pinv_iterations, pinv_init)
         w = torch.matmul(kernel2_inv, kernel3_v.to(acc))  # (B, H, m, Dh)
 
     # softmax(Q K̃ᵀ/√d) W: every query over the non-empty landmarks
@@ -142,9 +216,11 @@ class NystromAttention(AttentionBackend):
     """Nyström attention with the paper's depthwise convolution skip on V.
 
     forward(q, k, v, key_padding_mask) -> (B, H, L, Dh); mask (B, L) bool, True = real token.
-    Options: num_landmarks (m), pinv_iterations (None = exact pinv), conv_kernel (odd; 0 = no skip).
+    Options: num_landmarks (m), pinv_iterations (None = exact pinv), conv_kernel (odd; 0 = no skip),
+    segments (padded | real), pinv_init (per_example | batch), pad_in_landmarks (the authors' defect).
     The skip is one (conv_kernel x 1) filter per head, shared over the head's Dh channels, applied to
-    V with padded rows zeroed.
+    V with padded rows zeroed. `attention_stats()` reports the mean number of non-empty landmarks per
+    example over the last evaluation pass (the forwards since the last `eval()`).
     """
 
     name = "nystrom"
@@ -161,8 +237,20 @@ class NystromAttention(AttentionBackend):
         num_landmarks: int = 64,
         pinv_iterations: int | None = 6,
         conv_kernel: int = 35,
+        segments: str = "padded",
+        pinv_init: str = "per_example",
+        pad_in_landmarks: bool = False,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
+        if segments not in SEGMENTS:
+            raise AttentionConfigError(f"nystrom: segments must be one of {', '.join(SEGMENTS)}, got '{segments}'")
+        if pinv_init not in PINV_INITS:
+            raise AttentionConfigError(f"nystrom: pinv_init must be one of {', '.join(PINV_INITS)}, got '{pinv_init}'")
+        if pad_in_landmarks and segments != "padded":
+            raise AttentionConfigError("nystrom: pad_in_landmarks=true needs segments=padded (segments of real "
+                                       "tokens hold no padding)")
+        self.segments, self.pinv_init, self.pad_in_landmarks = segments, pinv_init, bool(pad_in_landmarks)
+        self._landmark_sum, self._landmark_examples = 0.0, 0
         if num_landmarks < 1:
             raise AttentionConfigError(f"nystrom: num_landmarks must be >= 1, got {num_landmarks}")
         if pinv_iterations is not None and pinv_iterations < 1:
@@ -184,9 +272,32 @@ class NystromAttention(AttentionBackend):
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = nystrom_attention(q, k, v, self.num_landmarks, self.pinv_iterations, key_padding_mask)
+        if not self.training:
+            B, _, L, _ = q.shape
+            counts = nonempty_landmarks(key_padding_mask, B, L, self.num_landmarks, self.segments)
+            self._landmark_sum += float(counts.sum())
+            self._landmark_examples += B
+        out = nystrom_attention(q, k, v, self.num_landmarks, self.pinv_iterations, key_padding_mask,
+                                self.segments, self.pinv_init, self.pad_in_landmarks)
         if self.conv_weight is not None:
             if key_padding_mask is not None:
                 v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)  # (B, H, L, Dh)
             out = out + depthwise_seq_conv(v, self.conv_weight.to(v.dtype))  # (B, H, L, Dh)
         return out
+
+    def train(self, mode: bool = True) -> NystromAttention:
+        if not mode:  # a new evaluation pass starts: its landmark statistics start from zero
+            self._landmark_sum, self._landmark_examples = 0.0, 0
+        return super().train(mode)
+
+    def attention_stats(self) -> dict[str, float]:
+        """{"nonempty_landmarks": mean number of landmarks holding a real token per example} over the last
+        evaluation pass; empty before any evaluation forward."""
+        if not self._landmark_examples:
+            return {}
+        return {"nonempty_landmarks": self._landmark_sum / self._landmark_examples}
+
+    def extra_repr(self) -> str:
+        return (f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}, "
+                f"conv_kernel={self.conv_kernel}, segments={self.segments}, pinv_init={self.pinv_init}"
+                + (", pad_in_landmarks=True" if self.pad_in_landmarks else ""))

@@ -3,8 +3,13 @@
     out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j)       (j over real keys only)
 
 softmax kernel: φ(x) = exp(ω x − |x|²/2) / √m with x = q / Dh^¼ (so ω·q ω·k estimates exp(q·k/√Dh)),
-ω the rows of a positive orthogonal random projection (m, Dh). relu kernel: φ(x) = relu(ω x) + ε
-(the setting of the Nyströmformer paper's LRA runs). Cost is linear in L; nothing is L x L.
+ω the rows of a positive orthogonal random projection (m, Dh). relu kernel: φ(x) = relu(ω x) + ε.
+Cost is linear in L; nothing is L x L.
+
+What the Nyströmformer authors' LRA runs computed (shared/LRA_FACTS.md §5): softmax features (their
+"relu" setting was ignored by the library), logits scaled by 1/Dh instead of 1/√Dh (`logit_scale="1/Dh"`:
+q and k are divided by Dh^¼ once more), and padded keys zeroed but kept in the normaliser
+(`pad_in_normaliser=True`, a defect: a padded key adds φ(0) to every query's denominator).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from models.attention.base import AttentionBackend, AttentionConfigError
 
 RELU_EPS = 1e-3  # keeps relu-feature normalisers positive (the Performer paper's generalized-kernel epsilon)
 KERNELS = ("softmax", "relu")
+LOGIT_SCALES = ("1/sqrt(Dh)", "1/Dh")
 
 
 def orthogonal_features(
@@ -96,16 +102,26 @@ def performer_attention(
     projection: torch.Tensor,
     kernel: str = "softmax",
     key_padding_mask: torch.Tensor | None = None,
+    logit_scale: str = "1/sqrt(Dh)",
+    pad_in_normaliser: bool = False,
 ) -> torch.Tensor:
     """FAVOR+ attention. q, k, v: (B, H, L, Dh); projection: (m, Dh); mask (B, L) bool, True = real.
-    Returns (B, H, L, Dh) in q's dtype; features and sums run in at least fp32 with autocast off."""
+    Returns (B, H, L, Dh) in q's dtype; features and sums run in at least fp32 with autocast off.
+    logit_scale "1/Dh" and pad_in_normaliser=True give the authors' computation (module docstring)."""
     if kernel not in KERNELS:
         raise AttentionConfigError(f"performer: kernel must be one of {KERNELS}, got '{kernel}'")
+    if logit_scale not in LOGIT_SCALES:
+        raise AttentionConfigError(f"performer: logit_scale must be one of {LOGIT_SCALES}, got '{logit_scale}'")
     B, H, L, D = q.shape
-    acc = torch.promote_types(q.dtype, torch.float32)
+    if logit_scale == "1/Dh":  # q·k / Dh = (q / Dh^¼)·(k / Dh^¼) / √Dh
+        q, k = q * D**-0.25, k * D**-0.25
     pad_rows = None
-    if key_padding_mask is not None:
+    if key_padding_mask is not None and pad_in_normaliser:  # zeroed keys still count: φ(0) != 0
+        pad = ~key_padding_mask[:, None, :, None]  # (B, 1, L, 1)
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+    elif key_padding_mask is not None:
         pad_rows = (~key_padding_mask)[:, None, :].expand(B, H, L).reshape(-1, 1)  # (B*H*L, 1)
+    acc = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
         w = projection.to(acc) * D**-0.25  # (m, Dh): folds the q / Dh^¼ scaling into the projection
         q2, k2 = q.to(acc).reshape(B * H * L, D), k.to(acc).reshape(B * H * L, D)  # (B*H*L, Dh)
@@ -129,8 +145,9 @@ class PerformerAttention(AttentionBackend):
     forward(q, k, v, key_padding_mask) -> (B, H, L, Dh); mask (B, L) bool, True = real token.
     Options: num_features (m), kernel ('softmax' | 'relu'), redraw (new features at every training
     forward, from torch's global RNG), feature_seed (draw the initial features from a private
-    generator with this seed; None = torch's global RNG, which the run seeds). The features live in
-    the `projection` buffer, so a checkpoint restores them.
+    generator with this seed; None = torch's global RNG, which the run seeds), logit_scale
+    ('1/sqrt(Dh)' | '1/Dh'), pad_in_normaliser (the authors' defect). The features live in the
+    `projection` buffer, so a checkpoint restores them.
     """
 
     name = "performer"
@@ -145,10 +162,15 @@ class PerformerAttention(AttentionBackend):
         kernel: str = "softmax",
         redraw: bool = False,
         feature_seed: int | None = None,
+        logit_scale: str = "1/sqrt(Dh)",
+        pad_in_normaliser: bool = False,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
         if kernel not in KERNELS:
             raise AttentionConfigError(f"performer: kernel must be one of {KERNELS}, got '{kernel}'")
+        if logit_scale not in LOGIT_SCALES:
+            raise AttentionConfigError(f"performer: logit_scale must be one of {LOGIT_SCALES}, got '{logit_scale}'")
+        self.logit_scale, self.pad_in_normaliser = logit_scale, bool(pad_in_normaliser)
         if num_features < 1:
             raise AttentionConfigError(f"performer: num_features must be >= 1, got {num_features}")
         self.num_features, self.kernel, self.redraw = num_features, kernel, redraw
@@ -170,7 +192,9 @@ class PerformerAttention(AttentionBackend):
     ) -> torch.Tensor:
         if self.redraw and self.training:
             self.redraw_features()
-        return performer_attention(q, k, v, self.projection, self.kernel, key_padding_mask)
+        return performer_attention(q, k, v, self.projection, self.kernel, key_padding_mask, self.logit_scale,
+                                   self.pad_in_normaliser)
 
     def extra_repr(self) -> str:
-        return f"num_features={self.num_features}, kernel={self.kernel}, redraw={self.redraw}"
+        return (f"num_features={self.num_features}, kernel={self.kernel}, redraw={self.redraw}, "
+                f"logit_scale={self.logit_scale}, pad_in_normaliser={self.pad_in_normaliser}")
