@@ -10,30 +10,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lra.leaderboard import BACKEND_ORDER, Leaderboard
 from lra.atomic import atomic_write
-from lra.leaderboard_report import title
-from lra.published import AVG_TASKS
+from lra.leaderboard.table import Leaderboard, title
+from lra.published import AVG_TASKS, published_backends
 
 PER_ROW = 3  # panels side by side before wrapping
 
 
+def _text(label: str, limit: int = 60) -> str:
+    """Record text safe for matplotlib: one line, no mathtext (`$`), at most `limit` characters."""
+    flat = " ".join(str(label).split()).replace("$", r"\$")
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
 @dataclass(frozen=True)
 class Point:
-    backend: str
+    backend: str  # the row label (backend and the settings that differ)
     steps_per_second: float | None  # x; a point without it cannot be placed
     acc: float  # y
     peak_memory_mb: float | None  # marker size
 
 
 def panels(board: Leaderboard, protocol: str) -> list[tuple[str, list[Point]]]:
-    """One panel of 5-task averages when every backend has all five tasks, else one panel per task.
+    """One panel of 5-task averages when every row has all five tasks, else one panel per task.
 
     In the average panel x is the geometric mean of steps/s over the five tasks (their batch sizes and
     lengths differ, so an arithmetic mean would be dominated by the fastest task) and size is the mean peak
     memory.
     """
-    backends = board.backends(protocol)
+    backends = board.rows(protocol)
     averaged = [b for b in backends if board.average(protocol, b)[0] is not None]
     if averaged and all(len(board.average(protocol, b)[1]) == len(AVG_TASKS) for b in averaged):
         points = []
@@ -42,14 +47,14 @@ def panels(board: Leaderboard, protocol: str) -> list[tuple[str, list[Point]]]:
             speeds = [c.cost("steps_per_second") for c in cells]
             mems = [m for c in cells if (m := c.cost("peak_memory_mb")) is not None]
             x = math.exp(statistics.fmean(map(math.log, speeds))) if all(s and s > 0 for s in speeds) else None
-            points.append(Point(b, x, board.average(protocol, b)[0], statistics.fmean(mems) if mems else None))
+            points.append(Point(b.label, x, board.average(protocol, b)[0], statistics.fmean(mems) if mems else None))
         return [("Avg over the 5 LRA tasks", points)]
     out = []
     for t in board.tasks(protocol):
-        points = [Point(b, c.cost("steps_per_second"), c.mean, c.cost("peak_memory_mb"))
+        points = [Point(b.label, c.cost("steps_per_second"), c.mean, c.cost("peak_memory_mb"))
                   for b in backends if (c := board.cell(protocol, t, b)) is not None and c.mean is not None]
         if points:
-            out.append((title(t), points))
+            out.append((title(t) + (" (val = test)" if t == "text" else ""), points))
     return out
 
 
@@ -60,7 +65,7 @@ def render_png(board: Leaderboard) -> bytes:
 
     # One protocol per block of rows, at most PER_ROW panels side by side.
     layout = [[(p, panel) for panel in ps[i:i + PER_ROW]]
-              for p in board.protocols() for ps in [panels(board, p)] for i in range(0, len(ps), PER_ROW)]
+              for p in board.sections() for ps in [panels(board, p)] for i in range(0, len(ps), PER_ROW)]
     ncols = max((len(row) for row in layout), default=1)
     fig = Figure(figsize=(4.6 * ncols, 3.8 * max(len(layout), 1)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -70,7 +75,9 @@ def render_png(board: Leaderboard) -> bytes:
         ax.set_axis_off()
     all_points = [pt for row in layout for _, (_, pts) in row for pt in pts]
     max_mem = max((pt.peak_memory_mb for pt in all_points if pt.peak_memory_mb), default=1.0)
-    names = list(BACKEND_ORDER) + sorted({pt.backend for pt in all_points} - set(BACKEND_ORDER))
+    order = published_backends()
+    names = sorted({pt.backend for pt in all_points},
+                   key=lambda n: (order.index(n.split(" [")[0]) if n.split(" [")[0] in order else len(order), n))
     colors = {b: f"C{i % 10}" for i, b in enumerate(names)}
     axes = fig.subplots(len(layout), ncols, squeeze=False) if layout else []
     for r, row in enumerate(layout):
@@ -86,10 +93,10 @@ def render_png(board: Leaderboard) -> bytes:
                 ax.scatter(pt.steps_per_second, pt.acc, s=size, color=colors[pt.backend], alpha=0.6,
                            edgecolors="black", linewidths=0.5)
                 mem = "" if pt.peak_memory_mb is None else f"\n{pt.peak_memory_mb:,.0f} MB"
-                ax.annotate(pt.backend + mem, (pt.steps_per_second, pt.acc), textcoords="offset points",
+                ax.annotate(_text(pt.backend) + mem, (pt.steps_per_second, pt.acc), textcoords="offset points",
                             xytext=(6, 6), fontsize=8)
             unplaced = len(points) - len(placed)
-            ax.set_title(f"{protocol}: {name}" + (f" ({unplaced} without steps/s)" if unplaced else ""), fontsize=9)
+            ax.set_title(f"{_text(protocol, 40)}: {_text(name, 40)}" + (f" ({unplaced} without steps/s)" if unplaced else ""), fontsize=9)
             ax.set_xlabel("training steps/s" + (" (geometric mean)" if name.startswith("Avg") else ""))
             ax.set_ylabel(("avg " if name.startswith("Avg") else "") + "test accuracy (%)")
             ax.margins(0.25)
