@@ -93,7 +93,8 @@ def render_png(board: Leaderboard) -> bytes:
                 ax.scatter(pt.steps_per_second, pt.acc, s=size, color=colors[pt.backend], alpha=0.6,
                            edgecolors="black", linewidths=0.5)
                 mem = "" if pt.peak_memory_mb is None else f"\n{pt.peak_memory_mb:,.0f} MB"
-                ax.annotate(_text(pt.backend) + mem, (pt.steps_per_second, pt.acc), textcoords="offset points",
+                label = "\n[".join(_text(part, 36) for part in pt.backend.split(" [", 1))  # variant on line 2
+                ax.annotate(label + mem, (pt.steps_per_second, pt.acc), textcoords="offset points",
                             xytext=(6, 6), fontsize=8)
             unplaced = len(points) - len(placed)
             ax.set_title(f"{_text(protocol, 40)}: {_text(name, 40)}" + (f" ({unplaced} without steps/s)" if unplaced else ""), fontsize=9)
