@@ -9,15 +9,21 @@ A cache folder `<data_dir>/cache/<cache_key>/` holds, per split `s`:
 and `manifest.json` (shapes, reader settings, the source's size/mtime fingerprint, label counts).
 A cache is built in `.<cache_key>.partial/` one split at a time (a finished split is kept, so an
 interrupted prepare resumes), then renamed into place, so a failed prepare never replaces a good cache.
+Building holds an exclusive lock on `.<cache_key>.lock` (flock: the kernel releases it when its holder
+dies): concurrent prepares of one cache (a sweep, the ranks of a DDP job) wait, then use the finished one.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 from abc import ABC, abstractmethod
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -155,24 +161,89 @@ def cache_dir(data_dir: Path, reader: TaskReader) -> Path:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None if it is missing or half-written."""
+    """A JSON object's content, or None if the file is missing, half-written or not an object."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        obj = json.loads(Path(path).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def load_manifest(folder: Path) -> dict | None:
     return read_json(Path(folder) / "manifest.json")
 
 
-def is_fresh(folder: Path, reader: TaskReader, source_fp: dict | None) -> bool:
-    """A cache is usable if its schema and settings match and (when the source is known) the source
-    fingerprint is unchanged."""
+_MANIFEST_KEYS = {"schema": int, "task": str, "settings": dict, "max_len": int, "vocab_size": int,
+                  "num_classes": int, "pair": bool, "splits": dict}
+_SPLIT_KEYS = {"n": int, "label_counts": dict, "length_percentiles": dict}
+
+
+def manifest_problem(m: dict) -> str | None:
+    """What is wrong with a manifest's keys (missing, wrong type, negative sizes), or None."""
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(m.get(key), kind) or (kind is int and isinstance(m.get(key), bool)):
+            return f"key '{key}' is {'missing' if key not in m else f'{m[key]!r}, not a {kind.__name__}'}"
+    for split in SPLITS:
+        info = m["splits"].get(split)
+        if not isinstance(info, dict):
+            return f"split '{split}' is missing from 'splits'"
+        for key, kind in _SPLIT_KEYS.items():
+            if not isinstance(info.get(key), kind) or (kind is int and isinstance(info.get(key), bool)):
+                return f"key 'splits.{split}.{key}' is missing or not a {kind.__name__}"
+        if info["n"] < 0:
+            return f"'splits.{split}.n' is {info['n']}"
+    return None if m["max_len"] > 0 else f"'max_len' is {m['max_len']}"
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a prepared cache, checked; DataError naming the file and the fix if it is unusable."""
+    path = Path(folder) / "manifest.json"
     m = load_manifest(folder)
-    if m is None or m.get("schema") != SCHEMA_VERSION or m.get("settings") != reader.settings():
+    problem = "it is missing, half-written or not a JSON object" if m is None else manifest_problem(m)
+    if problem is not None:
+        raise DataError(f"cache manifest {path} cannot be used: {problem}. The cache is damaged (half-written or "
+                        f"altered): delete {folder} and prepare it again (lra-train rebuilds it from the raw data in "
+                        "data_dir; or `lra-data prepare`).")
+    return m
+
+
+def is_fresh(folder: Path, reader: TaskReader, source_fp: dict | None) -> bool:
+    """A cache is usable if its manifest is complete, its schema and settings match and (when the source is
+    known) the source fingerprint is unchanged."""
+    m = load_manifest(folder)
+    if m is None or manifest_problem(m) is not None:
+        return False
+    if m.get("schema") != SCHEMA_VERSION or m.get("settings") != reader.settings():
         return False
     return source_fp is None or m.get("source_fingerprint") == source_fp
+
+
+@contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold the exclusive lock of cache folder `final` (waiting, and saying so, while another process
+    holds it). The lock is an flock on `.<key>.lock` beside the folder; the file stays (removing it would
+    let two processes lock two different files)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = final.with_name(f".{final.name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            print(f"waiting for {holder}, which is preparing {final} (lock {path}); this cache is then used",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            print(f"warning: the file system of {final.parent} has no file locks ({err.strerror}); prepare the "
+                  "cache once (`lra-data prepare`) before starting several runs on it", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def build_cache(reader: TaskReader, source: Path, data_dir: Path, progress: bool = True) -> Path:
@@ -182,6 +253,14 @@ def build_cache(reader: TaskReader, source: Path, data_dir: Path, progress: bool
     final = cache_dir(data_dir, reader)
     if is_fresh(final, reader, fp):
         return final
+    with build_lock(final):
+        if is_fresh(final, reader, fp):  # another process built it while we waited
+            return final
+        return _build_locked(reader, root, Path(source), final, fp, progress)
+
+
+def _build_locked(reader: TaskReader, root: Path, source: Path, final: Path, fp: dict, progress: bool) -> Path:
+    """The build itself; the caller holds the lock of `final`."""
     partial = final.with_name(f".{final.name}.partial")
     partial.mkdir(parents=True, exist_ok=True)
     stamp = {"settings": reader.settings(), "source_fingerprint": fp}
@@ -189,7 +268,8 @@ def build_cache(reader: TaskReader, source: Path, data_dir: Path, progress: bool
     for split in SPLITS:
         done = partial / f"{split}.done.json"
         prev = read_json(done)
-        if prev is not None and prev.get("stamp") == stamp:
+        if prev is not None and prev.get("stamp") == stamp and isinstance(prev.get("info"), dict) \
+                and isinstance(prev["info"].get("n"), int):
             splits[split] = prev["info"]
             continue
         writer = _SplitWriter(partial, split, reader.max_len, reader.pair)
@@ -263,9 +343,9 @@ class CachedSplit:
 
 
 def open_split(folder: Path, split: str) -> CachedSplit:
-    m = load_manifest(folder)
-    if m is None:
+    if not (Path(folder) / "manifest.json").is_file():
         raise DataError(f"{folder}: no manifest.json; this is not a prepared cache (run `lra-data prepare`).")
+    m = read_manifest(folder)
     n, L = m["splits"][split]["n"], m["max_len"]
 
     def mm(name: str, dtype, shape):
@@ -304,8 +384,8 @@ def resolve_cache(reader: TaskReader, data_dir: Path, progress: bool = True) -> 
             return folder  # a prepared cache without its raw source
         if folder.is_dir():
             raise DataError(
-                f"the {reader.name} cache {folder} cannot be used (its manifest.json is missing, half-written or "
-                f"from another schema version) and data_dir '{data_dir}' holds no raw {reader.name} data to rebuild "
+                f"the {reader.name} cache {folder} cannot be used (its manifest.json is missing, half-written, "
+                f"incomplete or from another schema version) and data_dir '{data_dir}' holds no raw {reader.name} data to rebuild "
                 f"it from. Delete {folder} and prepare the cache again (`lra-data prepare {reader.name} --source "
                 f"<raw> --data-dir {data_dir}`)."
             ) from None

@@ -85,16 +85,16 @@ def cmd_check(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from lra.data.cache import cache_dir, load_manifest
+    from lra.data.cache import cache_dir, read_manifest
 
     reader = _reader(args.task, _task_overrides(args))
     folder = cache_dir(Path(args.data_dir), reader)
-    manifest = load_manifest(folder)
-    if manifest is None:
+    if not (folder / "manifest.json").is_file():
         raise DataError(
             f"no prepared {args.task} cache under '{args.data_dir}' (looked for {folder}); run "
             f"`lra-data prepare {args.task} --source <raw data> --data-dir {args.data_dir}` first."
         )
+    manifest = read_manifest(folder)
     stats = {
         "task": manifest["task"], "cache": str(folder), "vocab_size": manifest["vocab_size"],
         "num_classes": manifest["num_classes"], "max_len": manifest["max_len"], "pair": manifest["pair"],
