@@ -132,3 +132,15 @@ def test_bf16_autocast_hashes_in_fp32():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     # bf16 inputs can move a token to another bucket, so only the scale is compared
     assert (out.float() - ref).abs().mean() < 0.2
+
+
+def test_padding_content_never_changes_real_outputs_across_chunks():
+    torch.manual_seed(0)
+    attn = ReformerAttention(H, DH, n_hashes=2, chunk_size=4, n_buckets=4).eval()
+    q, k, v = (torch.randn(B, H, 30, DH) for _ in range(3))
+    mask = torch.arange(30)[None, :] < torch.tensor([30, 17, 5])[:, None]
+    out = attn(q, k, v, mask)
+    pad = ~mask[:, None, :, None]
+    out2 = attn(*(t + 5 * torch.randn_like(t) * pad for t in (q, k, v)), mask)
+    real = mask[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out2[real], out[real], atol=1e-6, rtol=1e-6)

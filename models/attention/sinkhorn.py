@@ -40,9 +40,11 @@ class SinkhornAttention(AttentionBackend):
     """Sparse Sinkhorn attention: local block plus a learned, Sinkhorn-sorted block per query block.
 
     forward(q, k, v, key_padding_mask) -> (B, H, L, Dh); mask (B, L) bool, True = real token.
-    Options: block_size (b), n_iters (Sinkhorn rounds; 0 = the row softmax that LRA's code ran),
+    Options: block_size (b; None = ceil(max_len / num_blocks)), num_blocks (used only when
+    block_size is None), n_iters (Sinkhorn rounds; 0 = the row softmax that LRA's code ran),
     temperature (τ). The sorting network (one linear map Dh -> nb_max per head, nb_max =
-    ceil(max_len / b)) is owned by the instance, so the backend needs max_len.
+    ceil(max_len / b)) is owned by the instance, so the backend needs max_len. Shorter inputs use
+    ceil(L / b) blocks and the first columns of the sorting network.
     """
 
     name = "sinkhorn"
@@ -54,18 +56,23 @@ class SinkhornAttention(AttentionBackend):
         num_heads: int,
         head_dim: int,
         max_len: int | None = None,
-        block_size: int = 64,
+        block_size: int | None = None,
+        num_blocks: int = 32,
         n_iters: int = 8,
         temperature: float = 1.0,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
+        assert max_len is not None  # the base class raised otherwise
+        if block_size is None:
+            if num_blocks < 1:
+                raise AttentionConfigError(f"sinkhorn: num_blocks must be >= 1, got {num_blocks}")
+            block_size = -(-max_len // num_blocks)
         if block_size < 1:
             raise AttentionConfigError(f"sinkhorn: block_size must be >= 1, got {block_size}")
         if n_iters < 0:
             raise AttentionConfigError(f"sinkhorn: n_iters must be >= 0, got {n_iters}")
         if not temperature > 0:
             raise AttentionConfigError(f"sinkhorn: temperature must be > 0, got {temperature}")
-        assert max_len is not None  # the base class raised otherwise
         self.block_size, self.n_iters, self.temperature = block_size, n_iters, float(temperature)
         self.max_blocks = -(-max_len // block_size)
         bound = head_dim**-0.5  # nn.Linear's default init range for fan_in = head_dim
