@@ -97,15 +97,15 @@ def test_longer_padding_does_not_change_real_outputs():
 
 
 def test_options_and_lengths_are_checked():
-    for bad in ({"block_size": 0}, {"num_blocks": 0}, {"n_iters": -1}, {"temperature": 0.0}):
+    for bad in ({"block_size": 0}, {"n_iters": -1}, {"temperature": 0.0}):
         with pytest.raises(AttentionConfigError, match="sinkhorn"):
             SinkhornAttention(H, DH, MAX_LEN, **bad)
     with pytest.raises(AttentionConfigError, match="max_len"):
         SinkhornAttention(H, DH, None)
     attn = SinkhornAttention(H, DH, 10, block_size=4)
     assert attn.sort_weight.shape == (H, DH, 3)  # ceil(10 / 4) blocks
-    by_count = SinkhornAttention(H, DH, 100, num_blocks=8)  # block_size None: ceil(100 / 8) = 13
-    assert by_count.block_size == 13 and by_count.max_blocks == 8
+    capped = SinkhornAttention(H, DH, 21, block_size=64)  # at least two blocks at max_len
+    assert capped.block_size == 11 and capped.max_blocks == 2
     with pytest.raises(AttentionConfigError, match="at most 10"):
         attn.check_length(11)
 

@@ -41,7 +41,9 @@ def default_buckets(max_len: int, chunk_size: int) -> int:
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, Dh), rotations (H, Dh, R, n/2) -> bucket ids (B, H, R, L) in [0, n)."""
     proj = torch.einsum("bhld,hdrk->bhrlk", x, rotations)  # (B, H, R, L, n/2)
-    return torch.cat([proj, -proj], -1).argmax(-1)
+    top, arg_top = proj.max(-1)  # argmax over [xR ; -xR] without building it:
+    bottom, arg_bottom = proj.min(-1)  # the largest of -xR is minus the smallest of xR
+    return torch.where(top >= -bottom, arg_top, arg_bottom + proj.shape[-1])
 
 
 def look_back(x: torch.Tensor, dim: int) -> torch.Tensor:

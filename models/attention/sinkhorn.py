@@ -40,9 +40,9 @@ class SinkhornAttention(AttentionBackend):
     """Sparse Sinkhorn attention: local block plus a learned, Sinkhorn-sorted block per query block.
 
     forward(q, k, v, key_padding_mask) -> (B, H, L, Dh); mask (B, L) bool, True = real token.
-    Options: block_size (b; None = ceil(max_len / num_blocks)), num_blocks (used only when
-    block_size is None), n_iters (Sinkhorn rounds; 0 = the row softmax that LRA's code ran),
-    temperature (τ). The sorting network (one linear map Dh -> nb_max per head, nb_max =
+    Options: block_size (b; capped at ceil(max_len / 2), since sorting a single block is a no-op
+    that would leave the sorting network untrained), n_iters (Sinkhorn rounds; 0 = the row softmax
+    that LRA's code ran), temperature (τ). The sorting network (one linear map Dh -> nb_max per head, nb_max =
     ceil(max_len / b)) is owned by the instance, so the backend needs max_len. Shorter inputs use
     ceil(L / b) blocks and the first columns of the sorting network.
     """
@@ -56,19 +56,15 @@ class SinkhornAttention(AttentionBackend):
         num_heads: int,
         head_dim: int,
         max_len: int | None = None,
-        block_size: int | None = None,
-        num_blocks: int = 32,
+        block_size: int = 64,
         n_iters: int = 8,
         temperature: float = 1.0,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
         assert max_len is not None  # the base class raised otherwise
-        if block_size is None:
-            if num_blocks < 1:
-                raise AttentionConfigError(f"sinkhorn: num_blocks must be >= 1, got {num_blocks}")
-            block_size = -(-max_len // num_blocks)
         if block_size < 1:
             raise AttentionConfigError(f"sinkhorn: block_size must be >= 1, got {block_size}")
+        block_size = min(block_size, max(1, -(-max_len // 2)))  # at least two blocks at max_len
         if n_iters < 0:
             raise AttentionConfigError(f"sinkhorn: n_iters must be >= 0, got {n_iters}")
         if not temperature > 0:
