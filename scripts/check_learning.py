@@ -1,0 +1,214 @@
+"""Long-range learning check: does a recipe leave the label-prior plateau on every backend and seed?
+
+Runs `lra-train experiment=check/listops attention=B seed=S results_dir=DIR [extra overrides]` for each
+backend and seed (one process at a time), then reads the records in DIR and writes DIR/TABLE.md: per
+backend and seed, the step at which the run left the plateau, its best validation and its test accuracy.
+
+    python scripts/check_learning.py                                  # the default recipe, backends and seeds of the check
+    python scripts/check_learning.py --results DIR --backends softmax --seeds 0,1 -- optimizer.lr=3e-3
+    python scripts/check_learning.py --preset nystromformer/listops --results DIR   # a preset at the check's length
+    python scripts/check_learning.py --table-only --results DIR       # only (re)write the table
+
+Plateau exit (PLATEAU_MARGIN): a run is on the plateau while its validation accuracy stays below the
+majority-class rate + margin points; it left the plateau at the first validation step at or above that.
+The records' `val_history` ([[step, val acc %], ...]) and `majority_acc` are all that is read.
+One results folder per recipe: two finished records of one backend and seed with different configs in one
+folder are an error, never silently merged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lra.atomic import atomic_write
+
+CHECK_EXPERIMENT = "check/listops"
+PLATEAU_MARGIN = 10.0  # accuracy points above the majority-class rate that count as off the plateau
+
+
+class CheckError(ValueError):
+    """Bad input to the check (names the file or option and the fix)."""
+
+
+def plateau_exit(history: list[list[float]] | list[tuple[float, float]], majority: float,
+                 margin: float = PLATEAU_MARGIN) -> int | None:
+    """The first validation step whose accuracy (%) is >= majority + margin; None if there is none.
+    `history`: [[step, acc %], ...] in any order; entries with acc None are ignored."""
+    threshold = majority + margin
+    for step, acc in sorted((h for h in history if h[1] is not None), key=lambda h: h[0]):
+        if acc >= threshold:
+            return int(step)
+    return None
+
+
+@dataclass
+class Row:
+    backend: str
+    seed: int
+    status: str
+    exit_step: int | None = None
+    best_val: float | None = None
+    final_val: float | None = None
+    test_acc: float | None = None
+    majority: float | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    file: str = ""
+
+
+def row_from_record(rec: dict, file: str = "", margin: float = PLATEAU_MARGIN) -> Row:
+    row = Row(rec.get("attention", "?"), int(rec.get("seed", -1)), rec.get("status", "?"), file=file)
+    if row.status != "finished":
+        return row
+    hist = [h for h in rec.get("val_history") or [] if h[1] is not None]
+    row.majority, row.test_acc = rec.get("majority_acc"), rec.get("test_acc")
+    row.steps, row.seconds = rec.get("steps"), rec.get("train_seconds")
+    if hist:
+        row.best_val = max(h[1] for h in hist)
+        row.final_val = max(hist, key=lambda h: h[0])[1]
+    if row.majority is not None:
+        row.exit_step = plateau_exit(hist, row.majority, margin)
+    return row
+
+
+def load_rows(folder: Path, margin: float = PLATEAU_MARGIN) -> list[Row]:
+    """One row per (backend, seed) from the JSON records in `folder`; CheckError on a conflict."""
+    rows: dict[tuple[str, int], tuple[Row, str]] = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckError(f"{path} is not a readable JSON record ({err}); delete it or rerun that run.") from None
+        if not isinstance(rec, dict) or "attention" not in rec or "seed" not in rec:
+            raise CheckError(f"{path} is not an lra-train record (no 'attention'/'seed'); move it out of {folder}.")
+        row = row_from_record(rec, path.name, margin)
+        key, prev = (row.backend, row.seed), rows.get((row.backend, row.seed))
+        if prev is not None:
+            if prev[0].status == "finished" and row.status == "finished" and prev[1] != rec.get("config_hash"):
+                raise CheckError(f"{folder} holds two finished runs of {row.backend} seed {row.seed} with different "
+                                 f"configs ({prev[0].file}, {path.name}): keep one recipe per results folder "
+                                 "(--results DIR) and move the other record out.")
+            if prev[0].status == "finished":
+                continue  # a finished run wins over a failed attempt of the same run
+        rows[key] = (row, rec.get("config_hash"))
+    return sorted((r for r, _ in rows.values()), key=lambda r: (r.backend, r.seed))
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def render_table(rows: list[Row], title: str, margin: float = PLATEAU_MARGIN) -> str:
+    """Markdown: a per-seed table and a per-backend summary (left the plateau k/n, mean test acc)."""
+    out = [f"# {title}", "",
+           f"Plateau exit: the first validation step with accuracy >= majority-class rate + {margin:g} points "
+           "(`—`: never left it). Accuracies in %.", "",
+           "| backend | seed | plateau exit (step) | best val | final val | test | majority | steps | train s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.status != "finished":
+            out.append(f"| {r.backend} | {r.seed} | FAIL ({r.status}) | — | — | — | — | — | — |")
+            continue
+        out.append(f"| {r.backend} | {r.seed} | {'—' if r.exit_step is None else r.exit_step} | {_pct(r.best_val)} | "
+                   f"{_pct(r.final_val)} | {_pct(r.test_acc)} | {_pct(r.majority)} | {r.steps} | "
+                   f"{'—' if r.seconds is None else f'{r.seconds:.0f}'} |")
+    out += ["", "| backend | left the plateau | mean test (runs that finished) |", "|---|---:|---:|"]
+    for b in sorted({r.backend for r in rows}):
+        mine = [r for r in rows if r.backend == b]
+        done = [r for r in mine if r.status == "finished"]
+        left = sum(r.exit_step is not None for r in done)
+        tests = [r.test_acc for r in done if r.test_acc is not None]
+        mean = f"{statistics.mean(tests):.1f} (n={len(tests)})" if tests else "—"
+        out.append(f"| {b} | {left}/{len(mine)} | {mean} |")
+    return "\n".join(out) + "\n"
+
+
+def discovered_backends() -> list[str]:
+    """Backend names as conf/ (and the Hydra searchpath) define them."""
+    from lra import config
+
+    names = getattr(config, "backend_names", None)
+    if names is not None:
+        return list(names())
+    return sorted(p.stem for p in (config.CONF_DIR / "attention").glob("*.yaml"))
+
+
+def check_defaults() -> tuple[list[str], list[int]]:
+    """The check's own backends and seeds: the `check:` block of conf/experiment/check/listops.yaml."""
+    from lra.config import CONF_DIR, compose
+
+    cfg = compose([f"experiment={CHECK_EXPERIMENT}"])
+    block = cfg.get("check")
+    if block is None or not block.get("backends") or block.get("seeds") is None:
+        raise CheckError(f"{CONF_DIR / 'experiment' / CHECK_EXPERIMENT}.yaml has no `check: {{backends: [...], "
+                         "seeds: [...]}}` block; add it or pass --backends and --seeds.")
+    return list(block.backends), [int(s) for s in block.seeds]
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _lra_train() -> list[str]:
+    exe = shutil.which("lra-train", path=str(Path(sys.executable).parent)) or shutil.which("lra-train")
+    return [exe] if exe else [sys.executable, "-m", "lra.train"]
+
+
+def train_commands(backends: list[str], seeds: list[int], results: Path, ckpt_root: Path,
+                   preset: str | None, overrides: list[str]) -> list[list[str]]:
+    experiment = f"experiment=[{preset},{CHECK_EXPERIMENT}]" if preset else f"experiment={CHECK_EXPERIMENT}"
+    return [[*_lra_train(), experiment, f"attention={b}", f"seed={s}", f"results_dir={results}",
+             f"ckpt_root={ckpt_root}", "logger=none", *overrides] for b in backends for s in seeds]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=Path("results/check-learning/default"),
+                   help="one folder per recipe: records and TABLE.md")
+    p.add_argument("--backends", help="comma list (default: the check config's check.backends)")
+    p.add_argument("--seeds", help="comma list (default: the check config's check.seeds)")
+    p.add_argument("--preset", help="an experiment applied before the check's data and budget, e.g. nystromformer/listops")
+    p.add_argument("--ckpt-root", type=Path, default=Path("checkpoints/check-learning"))
+    p.add_argument("--title", default=None)
+    p.add_argument("--margin", type=float, default=PLATEAU_MARGIN)
+    p.add_argument("--table-only", action="store_true", help="write the table from the records; train nothing")
+    p.add_argument("overrides", nargs="*", help="extra lra-train overrides (after --), e.g. optimizer.lr=3e-3")
+    a = p.parse_args(argv)
+    try:
+        if not a.table_only:
+            backends, seeds = check_defaults()
+            backends = _csv(a.backends) if a.backends else backends
+            seeds = [int(s) for s in _csv(a.seeds)] if a.seeds else seeds
+            known = discovered_backends()
+            unknown = [b for b in backends if b not in known]
+            if unknown:
+                raise CheckError(f"unknown backend(s) {', '.join(unknown)}; discovered: {', '.join(known)} "
+                                 "(conf/attention/*.yaml). Fix --backends or the check config's check.backends.")
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            for cmd in train_commands(backends, seeds, a.results, a.ckpt_root, a.preset, a.overrides):
+                print("[check-learning]", " ".join(cmd), flush=True)
+                rc = subprocess.run(cmd, env=env).returncode
+                if rc != 0:  # lra-train wrote a failed record; the table shows FAIL and the check goes on
+                    print(f"[check-learning] exit status {rc}; going on", file=sys.stderr, flush=True)
+        rows = load_rows(a.results, a.margin)
+        if not rows:
+            raise CheckError(f"no records in {a.results}; run without --table-only first.")
+        title = a.title or f"Long-range learning check: {a.results.name}"
+        table = render_table(rows, title, a.margin)
+        atomic_write(a.results / "TABLE.md", table)
+        print(table)
+    except CheckError as err:
+        print(f"check_learning: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
