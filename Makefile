@@ -14,7 +14,7 @@ DEMO_DATA ?= data/listops-demo
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
+.PHONY: help install demo demo-data check-learning data-check-learning test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
@@ -127,3 +127,18 @@ mini-lra: demo-data ## Four backends on small generated ListOps and Pathfinder s
 		else echo "mini-lra: no data/$$t, skipping $$t (lra-data check $$t --data-dir data/$$t says how to get it)"; fi; \
 	done
 	$(BIN)/lra-leaderboard $(MINI_RESULTS) --out results/LEADERBOARD.md
+
+# ---- long-range learning check: does the default recipe leave the label-prior plateau? ---------------
+# conf/experiment/check/listops.yaml (data, length, budget); scripts/check_learning.py runs each backend of
+# the Nyströmformer protocol (conf/protocol_attention/nystromformer/) x seeds 0,1,2 through lra-train and
+# writes $(CHECK_RESULTS)/TABLE.md. CHECK_ARGS passes more options, e.g. CHECK_ARGS="--seeds 0 optimizer.lr=3e-3".
+CHECK_DATA := data/listops-check
+CHECK_RESULTS ?= results/check-learning/default
+CHECK_ARGS ?=
+
+data-check-learning: $(STAMP) ## Long ListOps for the learning check (8,000/500/1,000 of 101..255 tokens) into data/listops-check
+	@test -f $(CHECK_DATA)/basic_test.tsv || $(BIN)/lra-data generate listops --out $(CHECK_DATA) \
+		--train 8000 --val 500 --test 1000 --seed 0 --min-len 100 --max-len 256
+
+check-learning: data-check-learning ## Default recipe on long ListOps: 4 backends x 3 seeds, plateau exit per run -> results/check-learning/
+	$(BIN)/python scripts/check_learning.py --protocol-backends nystromformer --results $(CHECK_RESULTS) $(CHECK_ARGS)

@@ -4,7 +4,7 @@ Runs `lra-train experiment=check/listops attention=B seed=S results_dir=DIR [ext
 backend and seed (one process at a time), then reads the records in DIR and writes DIR/TABLE.md: per
 backend and seed, the step at which the run left the plateau, its best validation and its test accuracy.
 
-    python scripts/check_learning.py                                  # the default recipe, backends and seeds of the check
+    python scripts/check_learning.py --protocol-backends nystromformer   # the default recipe: the paper's 4 backends, seeds 0,1,2
     python scripts/check_learning.py --results DIR --backends softmax --seeds 0,1 -- optimizer.lr=3e-3
     python scripts/check_learning.py --preset nystromformer/listops --results DIR   # a preset at the check's length
     python scripts/check_learning.py --table-only --results DIR       # only (re)write the table
@@ -140,16 +140,17 @@ def discovered_backends() -> list[str]:
     return sorted(p.stem for p in (config.CONF_DIR / "attention").glob("*.yaml"))
 
 
-def check_defaults() -> tuple[list[str], list[int]]:
-    """The check's own backends and seeds: the `check:` block of conf/experiment/check/listops.yaml."""
-    from lra.config import CONF_DIR, compose
+def protocol_backends(protocol: str) -> list[str]:
+    """The backends a protocol compares: the files of conf/protocol_attention/<protocol>/ (the Nyströmformer
+    paper's four for `nystromformer`)."""
+    from lra.config import CONF_DIR
 
-    cfg = compose([f"experiment={CHECK_EXPERIMENT}"])
-    block = cfg.get("check")
-    if block is None or not block.get("backends") or block.get("seeds") is None:
-        raise CheckError(f"{CONF_DIR / 'experiment' / CHECK_EXPERIMENT}.yaml has no `check: {{backends: [...], "
-                         "seeds: [...]}}` block; add it or pass --backends and --seeds.")
-    return list(block.backends), [int(s) for s in block.seeds]
+    folder = CONF_DIR / "protocol_attention" / protocol
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    if not names:
+        raise CheckError(f"--protocol-backends {protocol}: {folder} holds no backend files; pass a protocol that "
+                         "has one (ls conf/protocol_attention/) or list them with --backends.")
+    return names
 
 
 def _csv(text: str) -> list[str]:
@@ -161,21 +162,22 @@ def _lra_train() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "lra.train"]
 
 
-def train_commands(backends: list[str], seeds: list[int], results: Path, ckpt_root: Path,
-                   preset: str | None, overrides: list[str]) -> list[list[str]]:
+def train_commands(backends: list[str], seeds: list[int], results: Path, preset: str | None,
+                   overrides: list[str]) -> list[list[str]]:
     experiment = f"experiment=[{preset},{CHECK_EXPERIMENT}]" if preset else f"experiment={CHECK_EXPERIMENT}"
     return [[*_lra_train(), experiment, f"attention={b}", f"seed={s}", f"results_dir={results}",
-             f"ckpt_root={ckpt_root}", "logger=none", *overrides] for b in backends for s in seeds]
+             *overrides] for b in backends for s in seeds]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=Path("results/check-learning/default"),
                    help="one folder per recipe: records and TABLE.md")
-    p.add_argument("--backends", help="comma list (default: the check config's check.backends)")
-    p.add_argument("--seeds", help="comma list (default: the check config's check.seeds)")
+    p.add_argument("--backends", help="comma list (default: every discovered backend)")
+    p.add_argument("--protocol-backends", metavar="PROTOCOL",
+                   help="the backends of conf/protocol_attention/PROTOCOL/ (make check-learning: nystromformer)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list (default: 0,1,2)")
     p.add_argument("--preset", help="an experiment applied before the check's data and budget, e.g. nystromformer/listops")
-    p.add_argument("--ckpt-root", type=Path, default=Path("checkpoints/check-learning"))
     p.add_argument("--title", default=None)
     p.add_argument("--margin", type=float, default=PLATEAU_MARGIN)
     p.add_argument("--table-only", action="store_true", help="write the table from the records; train nothing")
@@ -183,16 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if not a.table_only:
-            backends, seeds = check_defaults()
-            backends = _csv(a.backends) if a.backends else backends
-            seeds = [int(s) for s in _csv(a.seeds)] if a.seeds else seeds
             known = discovered_backends()
+            if a.backends and a.protocol_backends:
+                raise CheckError("pass --backends or --protocol-backends, not both.")
+            backends = (_csv(a.backends) if a.backends else
+                        protocol_backends(a.protocol_backends) if a.protocol_backends else known)
+            seeds = [int(s) for s in _csv(a.seeds)]
             unknown = [b for b in backends if b not in known]
             if unknown:
                 raise CheckError(f"unknown backend(s) {', '.join(unknown)}; discovered: {', '.join(known)} "
-                                 "(conf/attention/*.yaml). Fix --backends or the check config's check.backends.")
+                                 "(conf/attention/*.yaml). Fix --backends.")
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            for cmd in train_commands(backends, seeds, a.results, a.ckpt_root, a.preset, a.overrides):
+            for cmd in train_commands(backends, seeds, a.results, a.preset, a.overrides):
                 print("[check-learning]", " ".join(cmd), flush=True)
                 rc = subprocess.run(cmd, env=env).returncode
                 if rc != 0:  # lra-train wrote a failed record; the table shows FAIL and the check goes on
