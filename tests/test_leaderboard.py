@@ -16,8 +16,9 @@ from lra import leaderboard
 from lra.config import CONF_DIR
 from lra.leaderboard.load import load_records
 from lra.leaderboard.plot import panels
-from lra.leaderboard.table import TEXT_NOTE, build_leaderboard
-from lra.published import AVG_TASKS, NYSTROMFORMER_PAPER, SOURCES
+from lra.leaderboard.table import TEXT_NOTE, build_leaderboard, like_for_like
+from lra.published import AVG_TASKS, NYSTROMFORMER_PAPER, SOURCES, PublishedRow
+from lra.training.fingerprint import preset_settings
 
 COLUMNS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
            "pathfinder": "Pathfinder", "pathx": "Path-X"}
@@ -148,10 +149,23 @@ def test_every_published_row_is_shown_and_compared_when_run(tmp_path):
         for task, acc in ours.items():
             assert paper[COLUMNS[task]] == f"{row.acc[task]:.2f} ({acc - row.acc[task]:+.2f})"
         assert paper["Avg"] == f"{row.avg:.2f} ({statistics.mean(ours.values()) - row.avg:+.2f})"
-        if row.ran:  # the table says what the paper ran and which options we ran
-            assert f"- {row.backend}: the paper's {row.paper_name} ran {row.ran}; ours ran the preset's " in text
+        if row.ran:  # the table says what the paper ran, which options we ran, and whether they are the same
+            [note] = [line for line in text.splitlines()
+                      if line.startswith(f"- {row.backend}: the paper's {row.paper_name} ran {row.ran}; ours ran ")]
+            options = {k.split(".", 1)[1]: v for k, v in preset_settings(source.protocol, "listops", row.backend).items()
+                    if k.startswith("attention.")}
+            differ = like_for_like(row, options)
+            assert note.endswith("the same as the paper ran.") == (not differ)
+            assert all(f"{k} (ours {a}, theirs {b})" in note for k, (a, b) in differ.items())
     doc = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
     assert sum(len(s["rows"]) for s in doc["published"]) == sum(len(s.rows) for s in SOURCES)
+
+
+def test_like_for_like_names_each_option_the_paper_ran_differently():
+    row = PublishedRow("b", "B", dict.fromkeys(AVG_TASKS, 50.0), 50.0, ran="x", ran_options={"k": "a", "s": 1})
+    assert like_for_like(row, {"k": "a", "s": 1, "other": 3}) == {}
+    assert like_for_like(row, {"k": "z", "s": 1}) == {"k": ("z", "a")}
+    assert like_for_like(row, {"s": 1}) == {"k": ("(unset)", "a")}
 
 
 def test_duplicates_keep_the_newest(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lra.atomic import atomic_write
-from lra.leaderboard.table import TEXT_NOTE, Leaderboard
+from lra.leaderboard.table import TEXT_NOTE, Leaderboard, like_for_like
 from lra.published import AVG_TASKS, SOURCES
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -49,6 +49,10 @@ def rows(board: Leaderboard) -> list[dict]:
                     comparable = section == s.protocol and first.matches
                     row[f"diff_{s.key}"] = (cell.mean - pub if comparable and pub is not None
                                             and cell.mean is not None else None)
+                    # where the paper says what its model ran: each option in which ours differs
+                    row[f"differs_from_{s.key}"] = ("; ".join(
+                        f"{k} (ours {a}, theirs {b})" for k, (a, b) in like_for_like(p, cell.attention_options()).items())
+                        if comparable and p is not None and p.ran_options else None)
                 out.append(row)
     return out
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lra.atomic import atomic_write
-from lra.leaderboard.table import TEXT_NOTE, Cell, Leaderboard, Row, title
+from lra.leaderboard.table import TEXT_NOTE, Cell, Leaderboard, Row, like_for_like, title
 from lra.published import AVG_TASKS, SOURCES, PublishedRow, PublishedSource
 
 MISSING = "—"
@@ -122,6 +122,13 @@ def _options(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "no options"
 
 
+def _like_for_like(row: PublishedRow, ours: dict) -> str:
+    differ = like_for_like(row, ours)
+    if not differ:
+        return "the same as the paper ran" if row.ran_options else "see the options"
+    return "NOT what the paper ran, in " + "; ".join(f"{k} (ours {md(a)}, theirs {b})" for k, (a, b) in differ.items())
+
+
 def _comparison_section(board: Leaderboard, section: str, source: PublishedSource) -> list[str]:
     """Our preset runs beside the paper whose setup the protocol follows, with ours − published."""
     tasks = board.tasks(section)
@@ -140,7 +147,7 @@ def _comparison_section(board: Leaderboard, section: str, source: PublishedSourc
         ran = next((c.attention_options() for c in cells.values() if c is not None and c.runs), {})
         if row.ran:
             notes.append(f"- {md(r.backend)}: the paper's {row.paper_name} ran {row.ran}; ours ran the preset's "
-                         f"{_options(ran)}.")
+                         f"{md(_options(ran))}: {_like_for_like(row, ran)}.")
     if not body:
         return []
     lines = ["### Compared with published results", "",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lra.leaderboard.load import Entry, variant_label
-from lra.published import AVG_TASKS, SOURCES, published_backends
+from lra.published import AVG_TASKS, SOURCES, PublishedRow, published_backends
 
 TASKS: tuple[str, ...] = AVG_TASKS + ("pathx",)  # the LRA table's columns
 TASK_TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
@@ -89,6 +89,11 @@ class Cell:
         """The `attention.*` settings the cell's runs share (one fingerprint: all of them)."""
         settings = self.runs[0].record.fingerprint_settings if self.runs else {}
         return {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("attention.")}
+
+
+def like_for_like(row: PublishedRow, ours: dict) -> dict[str, tuple[object, object]]:
+    """Backend options in which ours differ from what the paper's model ran: {option: (ours, theirs)}."""
+    return {k: (ours.get(k, "(unset)"), v) for k, v in row.ran_options.items() if ours.get(k, "(unset)") != v}
 
 
 def section_order(sections) -> list[str]:
