@@ -48,12 +48,17 @@ def test_a_preset_runs_fingerprint_equals_the_presets(tmp_path, protocol):
     assert RunRecord.from_dict(json.loads(json.dumps(other))).fingerprint == other["fingerprint"]
 
 
-def test_schema_1_records_get_their_fingerprint_from_their_config():
+def test_fingerprints_are_recomputed_from_the_config():
+    """Schema-1 records (no fingerprint) and records whose stored fingerprint is stale or edited are read by
+    what their config says ran."""
     rec = record("listops", BACKENDS[0], 0, 40.0)
     old = {k: v for k, v in rec.items() if k not in ("fingerprint", "fingerprint_settings", "protocol_matches",
                                                      "attention_stats", "run_dir")}
     old["schema"] = 1
     assert RunRecord.from_dict(old).fingerprint == rec["fingerprint"]
+    edited = {**rec, "fingerprint": "0" * 16, "fingerprint_settings": {"backend": "other"}}
+    read = RunRecord.from_dict(edited)
+    assert read.fingerprint == rec["fingerprint"] and read.fingerprint_settings == rec["fingerprint_settings"]
 
 
 def test_modified_runs_lose_the_label_and_are_never_compared(tmp_path):
@@ -152,7 +157,7 @@ def _bad_inputs() -> dict[str, tuple[str | bytes, str]]:
         "listconfig.json": (with_(config=[1]), "'config' is [1], not an object"),
         "history.json": (with_(val_history=[[1, "x"]]), "val_history"),
         "status.json": (with_(status="done"), "neither 'finished' nor 'failed'"),
-        "edited.json": (with_(test_acc=99.0, fingerprint="0" * 16), "does not match its config"),
+        "matches.json": (with_(protocol_matches="yes"), "'protocol_matches' is 'yes', not true/false"),
         "binary.json": (b'{"schema": 2, "task": "\xff\xfe"}', "not UTF-8"),
     }
 

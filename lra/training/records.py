@@ -71,7 +71,8 @@ class RunRecord:
     world_size: int | None = None
     resumed_from_step: int | None = None
     config_hash: str | None = None
-    fingerprint: str | None = None  # sha256[:16] of fingerprint_settings (lra/training/fingerprint.py)
+    fingerprint: str | None = None  # sha256[:16] of fingerprint_settings (lra/training/fingerprint.py); a
+    # reader recomputes both from `config`, so they always follow today's definition
     fingerprint_settings: dict = field(default_factory=dict)  # {dotted key: value} that define what ran
     protocol_matches: bool | None = None  # fingerprint == the claimed protocol's preset (None: no preset)
     attention_stats: dict = field(default_factory=dict)  # backend statistics the driver measured (may be {})
@@ -116,12 +117,10 @@ class RunRecord:
                 values.pop(k, None)
         rec = cls(**values, extra={k: v for k, v in data.items() if k not in known})
         rec.validate()
-        stored = rec.fingerprint
+        # Always recomputed from the stored config with today's definition: a record written before the
+        # definition changed (or with an edited fingerprint) is still compared by what it ran.
         rec.fingerprint_settings = fingerprint_settings(rec.config, rec.attention)
         rec.fingerprint = fingerprint_of(rec.fingerprint_settings)
-        if stored is not None and stored != rec.fingerprint:
-            raise RecordError(f"fingerprint {stored[:16]!r} does not match its config ({rec.fingerprint}): the "
-                              "record was edited or written by an incompatible version")
         return rec
 
     @classmethod
