@@ -28,6 +28,11 @@ def fixed_pattern(length, stride, c, causal=False):
         (3, 1, True, 12, None),
         (6, 6, False, 13, [13, 2]),  # c = l: every column is a summary column, i.e. full softmax
         (50, 10, False, 22, [22, 9]),  # LRA's defaults, one block longer than the sequence
+        # many summary columns: queries are processed in chunks of several stride blocks
+        (2, 1, False, 40, [40, 13]),
+        (2, 2, True, 64, [64, 30]),
+        (3, 2, False, 61, [61, 20]),
+        (4, 1, True, 150, [150, 77]),
     ],
 )
 def test_sparse_equals_dense_pattern(stride, c, causal, length, lengths):

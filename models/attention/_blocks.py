@@ -65,40 +65,40 @@ def block_sparse_attention(
     pad = nb * block - L
     real = key_padding_mask if key_padding_mask is not None else torch.ones(1, L, dtype=torch.bool, device=q.device)
     real_p = F.pad(real, (0, pad))  # (B|1, nb*block), internal padding is not real
-    qb, kb, vb = (F.pad(t, (0, 0, 0, pad)).view(B, H, nb, block, D) for t in (q, k, v))  # (B, H, nb, block, Dh)
+    # block-major layout (B, nb, H, block, Dh): the mask then broadcasts over heads in the fused kernel
+    qb, kb, vb = (F.pad(t, (0, 0, 0, pad)).view(B, H, nb, block, D).transpose(1, 2) for t in (q, k, v))
 
     live = live_slots(key_blocks, nb)  # (Hb, nb, m)
     idx = key_blocks.clamp(0, nb - 1)
     if Hb == 1:
-        kg, vg = kb[:, :, idx[0]], vb[:, :, idx[0]]  # (B, H, nb, m, block, Dh)
+        kg, vg = (t[:, idx[0]].transpose(2, 3) for t in (kb, vb))  # (B, nb, H, m, block, Dh)
     else:
-        heads = torch.arange(H, device=q.device)[:, None, None]
-        kg, vg = kb[:, heads, idx], vb[:, heads, idx]  # (B, H, nb, m, block, Dh)
+        heads = torch.arange(H, device=q.device)[None, :, None]
+        kg, vg = kb[:, idx.transpose(0, 1), heads], vb[:, idx.transpose(0, 1), heads]  # (B, nb, H, m, block, Dh)
     S = m * block
-    kg, vg = kg.reshape(B, H, nb, S, D), vg.reshape(B, H, nb, S, D)
+    kg, vg = kg.reshape(B, nb, H, S, D), vg.reshape(B, nb, H, S, D)
     key_ok = real_p.view(-1, nb, block)[:, idx] & live[None, ..., None]  # (B|1, Hb, nb, m, block)
-    mask = key_ok.reshape(-1, Hb, nb, 1, S)
+    mask = key_ok.reshape(-1, Hb, nb, 1, S).transpose(1, 2)  # (B|1, nb, Hb, 1, S)
     if allowed is not None:
-        mask = mask & allowed  # (B|1, Hb, nb, block|1, S)
+        mask = mask & allowed.transpose(0, 1)  # allowed (Hb|1, nb, block|1, S) -> (B|1, nb, Hb, block|1, S)
 
     if extra_pos is not None and extra_pos.numel():
         G = extra_pos.numel()
-        ke = k[:, :, extra_pos][:, :, None].expand(B, H, nb, G, D)  # (B, H, nb, G, Dh)
-        ve = v[:, :, extra_pos][:, :, None].expand(B, H, nb, G, D)
-        kg, vg = torch.cat([kg, ke], 3), torch.cat([vg, ve], 3)  # (B, H, nb, S+G, Dh)
+        ke = k[:, :, extra_pos][:, None].expand(B, nb, H, G, D)  # (B, nb, H, G, Dh)
+        ve = v[:, :, extra_pos][:, None].expand(B, nb, H, G, D)
+        kg, vg = torch.cat([kg, ke], 3), torch.cat([vg, ve], 3)  # (B, nb, H, S+G, Dh)
         emask = real[:, extra_pos][:, None, None, None, :]  # (B|1, 1, 1, 1, G)
         if extra_allowed is not None:
-            emask = emask & extra_allowed
-        lead = (max(mask.shape[0], emask.shape[0]), Hb, nb, max(mask.shape[3], emask.shape[3]))
-        mask = torch.cat([mask.expand(*lead, S), emask.expand(*lead, G)], -1)  # (B|1, Hb, nb, block|1, S+G)
+            emask = emask & extra_allowed[:, None]  # extra_allowed (nb|1, block|1, G)
+        lead = (max(mask.shape[0], emask.shape[0]), nb, Hb, max(mask.shape[3], emask.shape[3]))
+        mask = torch.cat([mask.expand(*lead, S), emask.expand(*lead, G)], -1)  # (B|1, nb, Hb, block|1, S+G)
         S = S + G
 
-    # (B, H*nb, block, Dh) x (B, H*nb, S, Dh): the 4-d fused kernel is ~2x faster than 5-d on CPU
-    mask = mask.expand(mask.shape[0], H, nb, block, S).reshape(mask.shape[0], H * nb, block, S)
+    mask = mask.expand(B, nb, *mask.shape[2:]).reshape(B * nb, *mask.shape[2:])  # (B*nb, Hb, block|1, S)
     out = F.scaled_dot_product_attention(
-        qb.reshape(B, H * nb, block, D), kg.reshape(B, H * nb, S, D), vg.reshape(B, H * nb, S, D), attn_mask=mask
-    )  # (B, H*nb, block, Dh)
-    return out.view(B, H, nb * block, D)[:, :, :L]
+        qb.reshape(B * nb, H, block, D), kg.reshape(B * nb, H, S, D), vg.reshape(B * nb, H, S, D), attn_mask=mask
+    )  # (B*nb, H, block, Dh)
+    return out.view(B, nb, H, block, D).transpose(1, 2).reshape(B, H, nb * block, D)[:, :, :L]
 
 
 def full_rows(
