@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,20 +80,81 @@ def serialize(tree: Tree) -> str:
     return f"( {s} {END} )"
 
 
+def _longest(p: ListOpsParams) -> int:
+    """Token count of the longest expression the generator can draw."""
+    n = 1
+    for _ in range(max(p.max_depth - 1, 0)):
+        n = 2 + p.max_args * n
+    return n
+
+
+def _reachable(p: ListOpsParams) -> int | None:
+    """Bit set of the token counts below max_length that some expression has (None if too costly to know).
+    A node of depth d < max_depth is a digit (1 token) or an operator, its bracket and 2..max_args nodes."""
+    L = p.max_length
+    if L * p.max_args * min(p.max_depth, L) > 5_000_000:
+        return None
+    mask = (1 << L) - 1
+    level = 1 << 1  # at max_depth: digits only
+    for _ in range(min(p.max_depth - 1, L)):
+        sums, total = level, 0
+        for k in range(2, p.max_args + 1):
+            nxt, bits = 0, level
+            while bits:  # sums of k children = (sums of k-1) + one more child
+                low = bits & -bits
+                nxt |= sums << (low.bit_length() - 1)
+                bits ^= low
+            sums = nxt & mask
+            total |= sums
+            if not sums:
+                break
+        new = (1 << 1) | ((total << 2) & mask)
+        if new == level:
+            break
+        level = new
+    return level
+
+
+def check_request(sizes: dict[str, int], p: ListOpsParams) -> None:
+    """DataError, before anything is generated, for counts or bounds no ListOps set can satisfy."""
+    if any(n < 1 for n in sizes.values()):
+        raise DataError(f"ListOps generator: the split sizes must each be at least 1 (got "
+                        f"{', '.join(f'--{k} {v}' for k, v in sizes.items())}).")
+    for opt, value, low in (("--max-depth", p.max_depth, 1), ("--max-args", p.max_args, 2), ("--min-len", p.min_length, 0)):
+        if value < low:
+            raise DataError(f"ListOps generator: {opt}={value} is below its minimum {low}.")
+    if p.max_length - p.min_length < 2:
+        raise DataError(f"ListOps generator: --min-len {p.min_length} and --max-len {p.max_length} leave no length "
+                        "(both bounds are strict: --max-len must be at least --min-len + 2).")
+    longest = _longest(p)
+    if longest <= p.min_length:
+        raise DataError(f"ListOps generator: no expression has more than --min-len {p.min_length} tokens with "
+                        f"--max-depth {p.max_depth} and --max-args {p.max_args}: the longest has {longest}. Raise "
+                        "those or lower --min-len.")
+    reach = _reachable(p)
+    if reach is not None and not reach >> (p.min_length + 1):
+        raise DataError(f"ListOps generator: no expression with --max-depth {p.max_depth} and --max-args "
+                        f"{p.max_args} has strictly between {p.min_length} and {p.max_length} tokens (lengths "
+                        "2 and 3 never occur, and small settings leave more gaps); widen the window.")
+
+
 def generate(n: int, seed: int, params: ListOpsParams = ListOpsParams()) -> list[tuple[str, int]]:
     """`n` distinct accepted expressions as (source string, label), in a seeded shuffled order."""
     rng = random.Random(seed)
     seen: dict[str, int] = {}
-    tries = 0
+    tries, budget = 0, 1000 * n + 100_000
     while len(seen) < n:
         tree, length = _gen(rng, 1, params)
         tries += 1
         if params.min_length < length < params.max_length:
             seen.setdefault(serialize(tree), evaluate(tree))
-        if tries > 1000 * n + 100_000 and len(seen) < n:
+        if tries % 10_000 == 0 and len(seen) < n and (tries >= budget or (
+                tries >= 100_000 and tries * n > 2 * budget * max(len(seen), 1 / n))):
             raise DataError(
-                f"ListOps generator: only {len(seen)} distinct expressions after {tries} tries with "
-                f"length window ({params.min_length}, {params.max_length}); widen the window or lower n."
+                f"ListOps generator: only {len(seen)} distinct expressions after {tries} tries with length window "
+                f"({params.min_length}, {params.max_length}), --max-depth {params.max_depth}, --max-args "
+                f"{params.max_args}; {n} would take far more. Widen the window, raise the depth or arguments, or "
+                "ask for fewer expressions."
             )
     items = sorted(seen.items())
     random.Random(seed + 1).shuffle(items)
@@ -112,8 +174,9 @@ def generate_files(out: Path, n_train: int = 96_000, n_val: int = 2_000, n_test:
                    params: ListOpsParams = ListOpsParams(), crlf: bool = True) -> dict:
     """Write `out/basic_{train,val,test}.tsv`; returns summary statistics."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_request({"train": n_train, "val": n_val, "test": n_test}, params)
     rows = generate(n_train + n_val + n_test, seed, params)
+    out.mkdir(parents=True, exist_ok=True)
     parts = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
     for split, part in parts.items():
         write_tsv(out / f"basic_{split}.tsv", part, crlf)
@@ -161,19 +224,39 @@ class ListOpsReader(TaskReader):
 
     def read_split(self, root: Path, split: str) -> Iterator[Example]:
         path = Path(root) / self.FILES[split]
-        with open(path, newline="") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\r\n")
-                if lineno == 1:
-                    if line.split("\t") != ["Source", "Target"]:
-                        raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', got {line[:60]!r}.")
-                    continue
-                if not line:
-                    continue
-                cols = line.split("\t")
-                if len(cols) != 2 or not cols[1].strip().isdigit():
-                    raise DataError(
-                        f"{path}:{lineno}: malformed row (expected '<expression><TAB><label 0-9>', got "
-                        f"{len(cols)} column(s): {line[:60]!r}); regenerate the file or fix that line."
-                    )
-                yield Example(ids=encode(cols[0]), label=int(cols[1]))
+        for lineno, line in _lines(path):
+            if lineno == 1:
+                if line.split("\t") != ["Source", "Target"]:
+                    raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', got {line[:60]!r}.")
+                continue
+            if not line:
+                continue
+            cols = line.split("\t")
+            if len(cols) != 2 or not _LABEL.fullmatch(cols[1].strip()):
+                raise DataError(
+                    f"{path}:{lineno}: malformed row (expected '<expression><TAB><label 0-9>', got "
+                    f"{len(cols)} column(s): {line[:60]!r}); regenerate the file or fix that line."
+                )
+            if not cols[0].strip():
+                raise DataError(f"{path}:{lineno}: empty expression before the label {cols[1]!r}; regenerate the "
+                                "file or fix that line.")
+            yield Example(ids=encode(cols[0]), label=int(cols[1]))
+
+
+_LABEL = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit also takes '²' and other scripts' digits)
+MAX_LINE = 1 << 20  # bytes; the longest LRA expression is ~10 KB
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text without its CR/LF) of a UTF-8 file, each line bounded; DataError naming the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), start=1):
+            if len(raw) > MAX_LINE:
+                raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE} bytes; the file is damaged or not a "
+                                "ListOps TSV: regenerate it or take it again from the release.")
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: bytes that are not UTF-8 ({err.reason} at byte {err.start + 1} "
+                                "of the line); the file is damaged or not a ListOps TSV: regenerate it or take it "
+                                "again from the release.") from None

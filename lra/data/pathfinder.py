@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +26,8 @@ from lra.data.release import RELEASE_URL, find_in_release
 log = logging.getLogger(__name__)
 FOLDERS = frozenset(folder for folder, _ in DIFFICULTIES.values())  # curv_baseline, curv_contour_length_9, _14
 FRACTIONS = (0.8, 0.1)  # train, val; test is the rest
+MAX_METADATA_BYTES = 64 << 20  # a release metadata file is ~60 KB (1,000 lines)
+MAX_METADATA_ROWS = 10_000_000
 
 
 def difficulty_folder(difficulty: str | int) -> str:
@@ -44,20 +46,53 @@ def _is_task_dir(p: Path) -> bool:
 
 def read_metadata(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of a metadata file: text (the release), or a NumPy array of strings as
-    `numpy.save` writes it (the upstream generator's code)."""
+    `numpy.save` writes it (the upstream generator's code). Sizes are checked before anything is loaded."""
+    size = path.stat().st_size
+    if size > MAX_METADATA_BYTES:
+        raise DataError(f"{path} is {size} bytes; a metadata file of the release is ~60 KB. The folder is damaged or "
+                        "not a Pathfinder release: take it again.")
     raw = path.read_bytes()
     if raw.startswith(b"\x93NUMPY"):
-        try:
-            rows = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise DataError(f"{path}: a binary .npy that NumPy cannot read without pickles ({err}); "
-                            "regenerate the metadata as text (the LRA release format).") from err
-        return [(i + 1, [str(x) for x in np.atleast_1d(r)]) for i, r in enumerate(rows)]
+        return _read_npy(path, size)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not text metadata ({err}); take the file again from the release.") from err
     return [(i + 1, line.split()) for i, line in enumerate(text.splitlines()) if line.strip()]
+
+
+def _read_npy(path: Path, size: int) -> list[tuple[int, list[str]]]:
+    """A binary .npy of strings, its header checked against the file's size first (a header may claim 10^9
+    rows that the file does not hold: NumPy would try to allocate them)."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            major, _ = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            start = f.tell()
+    except (ValueError, OSError, SyntaxError, TypeError) as err:
+        raise DataError(f"{path}: a binary .npy whose header is unreadable ({err}); regenerate the metadata as text "
+                        "(the LRA release format).") from err
+    if dtype.kind not in "US":
+        raise DataError(f"{path}: a binary .npy of {dtype}, not text; regenerate the metadata as text (the LRA "
+                        "release format).")
+    count = int(np.prod(shape, dtype=object))
+    if count * dtype.itemsize != size - start or count > MAX_METADATA_ROWS * 11:
+        raise DataError(f"{path}: its .npy header claims shape {tuple(shape)} of {dtype} ({count * dtype.itemsize} "
+                        f"bytes) but the file holds {size - start} bytes of data; the file is damaged: take it "
+                        "again or regenerate it.")
+    rows = np.load(path, allow_pickle=False)
+    return [(i + 1, [str(x) for x in np.atleast_1d(r)]) for i, r in enumerate(rows)]
+
+
+def image_path(root: Path, meta: Path, lineno: int, folder: str, name: str) -> Path:
+    """`root/folder/name` for a metadata row; DataError if the row names a file outside `root`."""
+    rel = PurePosixPath(folder) / name
+    if rel.is_absolute() or ".." in rel.parts or "\\" in str(rel):
+        raise DataError(f"{meta}:{lineno}: the row names the image '{rel}', outside {root} (an absolute path or "
+                        "'..'); the metadata is damaged or hostile: take it again from the release.")
+    return root / rel
 
 
 class PathfinderReader(TaskReader):
@@ -123,7 +158,7 @@ class PathfinderReader(TaskReader):
                     raise DataError(
                         f"{meta}:{lineno}: expected space-separated fields '<imgs/b> <sample_j.png> <j> <label 0/1> "
                         f"...', got {' '.join(fields)[:80]!r}. Take the metadata again from the release.")
-                path = root / fields[0] / fields[1]
+                path = image_path(root, meta, lineno, fields[0], fields[1])
                 if not path.is_file() or path.stat().st_size == 0:
                     empty.append(str(path))
                     continue

@@ -105,22 +105,51 @@ def _worker(job: tuple) -> int:
     return generate_batch(*job, report=_QUEUE.put)
 
 
+_SETTINGS_KEYS = ("generator_version", "resolution", "difficulty", "seed", "per_batch", "distractor_budget")
+
+
 def _settings(params: PathfinderParams, seed: int, per_batch: int, difficulty: str) -> dict:
     return {"generator_version": GENERATOR_VERSION, "resolution": params.resolution, "difficulty": difficulty,
             "seed": seed, "per_batch": per_batch, "distractor_budget": params.distractor_budget}
 
 
+def read_settings(ddir: Path) -> dict | None:
+    """The generator's settings file of a folder (None if there is none); DataError if it is damaged."""
+    path = Path(ddir) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        why = f"not JSON ({err})"
+    else:
+        missing = [k for k in _SETTINGS_KEYS if k not in old] if isinstance(old, dict) else None
+        if missing == []:
+            return old
+        why = "not a JSON object" if missing is None else f"it lacks {', '.join(repr(k) for k in missing)}"
+    raise DataError(f"{path}: the generator's settings file is unusable: {why}. It says which settings made the "
+                    f"images in {ddir}; without it they cannot be resumed or checked. Delete {ddir} and generate it "
+                    "again (or generate into another --out).")
+
+
 def _claim_dir(ddir: Path, settings: dict) -> None:
-    """Record the settings of this folder, or refuse to mix batches made with other settings."""
-    path = ddir / SETTINGS_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
+    """Record the settings of this folder, or refuse to mix batches made with other settings, or to write into
+    a folder this generator did not make (a release copy, say)."""
+    old = read_settings(ddir)
+    if old is not None:
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise DataError(f"{ddir} was generated with other settings {diff} (old, new); use another --out "
                             f"or delete the folder")
         return
-    atomic_write(path, json.dumps(settings, indent=1) + "\n")
+    if ddir.is_dir():
+        for p in ddir.glob(f".{SETTINGS_FILE}.tmp*"):  # our own settings write, cut by a kill
+            p.unlink()
+        if any(ddir.iterdir()):
+            raise DataError(f"{ddir} already holds files but no {SETTINGS_FILE}: it was not made by this generator "
+                            "(a copy of the release?), and writing into it would replace its images. Generate into "
+                            "another --out, or empty that folder first.")
+    atomic_write(ddir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
 
 
 def generate_pathfinder(out: Path, resolution: int, difficulty: str, batches: int, per_batch: int, seed: int,
@@ -208,8 +237,8 @@ def read_metadata(ddir: Path) -> tuple[list[list[str]], list[str]]:
             problems.append(f"{f.name}: last line has no trailing newline")
         for k, line in enumerate(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")):
             fields = line.split(" ")
-            if len(fields) != 11 or fields[0] != f"imgs/{f.stem}" or fields[1] != f"sample_{fields[2]}.png" \
-                    or fields[3] not in ("0", "1"):
+            if len(fields) != 11 or fields[0] != f"imgs/{f.stem}" or not fields[2].isascii() \
+                    or not fields[2].isdigit() or fields[1] != f"sample_{fields[2]}.png" or fields[3] not in ("0", "1"):
                 problems.append(f"{f.name}:{k + 1}: malformed line {line!r}")
                 continue
             rows.append(fields)
@@ -259,8 +288,8 @@ def check_dataset(ddir: Path, max_images: int | None = None) -> dict:
         if abs(stats["label_mean"] - 0.5) > tol:
             problems.append(f"label mean {stats['label_mean']:.4f} outside 0.5 ± {tol:.3f}")
     cl = int(rows[0][5]) if rows else None
-    settings = ddir / SETTINGS_FILE
-    budget = json.loads(settings.read_text())["distractor_budget"] if settings.is_file() else None
+    settings = read_settings(ddir)
+    budget = settings["distractor_budget"] if settings is not None else None
     if budget is None and res in RESOLUTIONS and cl:
         budget = make_params(res, str(cl)).distractor_budget
     ref = CALIBRATION.get((res, cl, budget))

@@ -20,6 +20,7 @@ from lra.data.text import encode_bytes
 
 FILES = {"train": "new_aan_pairs.train.tsv", "val": "new_aan_pairs.eval.tsv", "test": "new_aan_pairs.test.tsv"}
 COLUMNS = 5
+MAX_LINE = 64 << 20  # bytes; the AAN pairs' lines are far shorter
 
 
 def _has_files(folder: Path) -> bool:
@@ -64,7 +65,10 @@ class RetrievalReader(TaskReader):
     def read_split(self, root: Path, split: str) -> Iterator[Example]:
         path = Path(root) / FILES[split]
         with open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
+            for lineno, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), start=1):
+                if len(line) > MAX_LINE:
+                    raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE} bytes; the file is damaged or not "
+                                    "an LRA AAN pairs file: take it again from the LRA release.")
                 if line.endswith(b"\n"):
                     line = line[:-1]
                 if line.endswith(b"\r"):
