@@ -69,8 +69,8 @@ data-pathx: $(STAMP) ## Generate Path-X (pf128 hard, 200k images, ~7 CPU-hours, 
 	$(BIN)/lra-data generate pathfinder --out data/pathx --resolution 128 --difficulty 14 --batches 200 \
 		--per-batch 1000 --seed 0 --workers $(PF_WORKERS) --check-images 5000 --preview data/pathx/preview.png
 
-clean: ## Remove generated data, checkpoints, logs and run records (keeps committed results)
-	rm -rf data checkpoints logs outputs multirun results/runs
+clean: ## Remove generated data, run folders (checkpoints, logs) and run records (keeps committed results)
+	rm -rf data runs checkpoints logs outputs multirun results/runs
 
 # ---- published tables ------------------------------------------------------------------------------
 # `make -n reproduce-nystromformer` prints the exact commands. Data: data/<task> (raw or prepared; see

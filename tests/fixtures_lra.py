@@ -198,4 +198,4 @@ def smoke_config(task: str, data_dir: Path, tmp: Path, *extra: str):
     """The real Hydra config of `task`, shrunk to one training step on `data_dir`."""
     return compose([f"task={task}", f"data_dir={data_dir}", "experiment=smoke", "logger=none", "trainer.max_steps=1",
                     "trainer.val_check_interval=1", "data.batch_size=2", f"results_dir={tmp / 'results'}",
-                    f"ckpt_root={tmp / 'ckpt'}", "progress=false", *extra])
+                    f"runs_root={tmp / 'ckpt'}", "progress=false", *extra])

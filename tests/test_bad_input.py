@@ -49,11 +49,11 @@ def _raw_copy(raw: Path, dest: Path, edit: Callable[[list[str]], list[str]] | No
 
 
 def _train_args(case: Path, data: Path | str, *extra: str) -> list[str]:
-    return [f"data_dir={data}", f"results_dir={case}/runs", f"ckpt_root={case}/ckpt", *SMOKE, *extra]
+    return [f"data_dir={data}", f"results_dir={case}/runs", f"runs_root={case}/ckpt", *SMOKE, *extra]
 
 
 def _ckpt_folder(case: Path, raw: Path, *extra: str) -> Path:
-    return case / "ckpt" / run_id(compose(_train_args(case, raw, *extra)))
+    return case / "ckpt" / run_id(compose(_train_args(case, raw, *extra))) / "checkpoints"
 
 
 def _garbage_checkpoint(case: Path, raw: Path) -> None:
@@ -157,7 +157,7 @@ CASES: dict[str, Case] = {
         "lra-train", lambda c, r: [*_train_args(c, r), f"results_dir={c}/taken/runs"], "cannot be written to",
         setup=lambda c, r: (c / "taken").write_text("a file")),
     "train_ckpt_root_is_a_file": Case(
-        "lra-train", lambda c, r: [*_train_args(c, r), f"ckpt_root={c}/taken"], "ckpt_root=",
+        "lra-train", lambda c, r: [*_train_args(c, r), f"runs_root={c}/taken"], "runs_root=",
         setup=lambda c, r: (c / "taken").write_text("a file")),
     "train_corrupt_checkpoint": Case("lra-train", lambda c, r: _train_args(c, r), "cannot resume from",
                                      setup=_garbage_checkpoint),

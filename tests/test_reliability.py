@@ -19,7 +19,7 @@ import torch
 from lra.config import compose
 from lra.data.datamodule import ResumableBatchSampler, ShardedEvalSampler, epoch_permutation
 from lra.train import run
-from lra.training import callbacks
+from lra.training.checkpoint_io import RunCheckpointIO
 from lra.training.records import run_id
 from models.attention import ATTENTION_BACKENDS
 from models.classifier import build_model
@@ -60,21 +60,21 @@ def _step_of(ckpt: Path) -> int:
 def reference(tmp_path_factory, listops_dir):
     """One uninterrupted run (last.ckpt every step), with copies of its checkpoint folder at TRICKY_STEPS."""
     root = tmp_path_factory.mktemp("reference")
-    original = callbacks.save_atomic
+    original = RunCheckpointIO.save_checkpoint
 
-    def keep_copies(trainer, path, weights_only=False):
-        original(trainer, path, weights_only)
-        if Path(path).name == "last.ckpt" and trainer.global_step in TRICKY_STEPS:
-            shutil.copytree(Path(path).parent, root / "snap" / str(trainer.global_step), dirs_exist_ok=True)
+    def keep_copies(self, checkpoint, path, storage_options=None):
+        original(self, checkpoint, path, storage_options)
+        if Path(path).name == "last.ckpt" and checkpoint["global_step"] in TRICKY_STEPS:
+            shutil.copytree(Path(path).parent, root / "snap" / str(checkpoint["global_step"]), dirs_exist_ok=True)
 
-    callbacks.save_atomic = keep_copies
+    RunCheckpointIO.save_checkpoint = keep_copies
     try:
         rec = run(compose([*RESUME_ARGS, f"data_dir={listops_dir}", f"results_dir={root}/runs",
-                           f"ckpt_root={root}/ckpt", "checkpoint_every=1"]))
+                           f"runs_root={root}/ckpt", "checkpoint_every=1"]))
     finally:
-        callbacks.save_atomic = original
+        RunCheckpointIO.save_checkpoint = original
     final = root / "final.ckpt"  # the weights after the last step
-    shutil.copy(root / "ckpt" / rec["run_id"] / "last.ckpt", final)
+    shutil.copy(root / "ckpt" / rec["run_id"] / "checkpoints" / "last.ckpt", final)
     return {"record": rec, "root": root, "final": final}
 
 
@@ -91,12 +91,12 @@ def _assert_same_result(rec: dict, ref: dict, final_ckpt: Path, ref_ckpt: Path) 
 def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path: Path, listops_dir: Path, reference,
                                                                  step: int):
     cfg = compose([*RESUME_ARGS, f"data_dir={listops_dir}", f"results_dir={tmp_path}/runs",
-                   f"ckpt_root={reference['root']}/ckpt", "checkpoint_every=60"])
+                   f"runs_root={reference['root']}/ckpt", "checkpoint_every=60"])
     rid = run_id(cfg)
     assert rid == reference["record"]["run_id"]
     # the run's folder as it was right after last.ckpt of `step` was written (same path: Lightning
     # restores the best-checkpoint bookkeeping only into the folder it was saved in)
-    folder = reference["root"] / "ckpt" / rid
+    folder = reference["root"] / "ckpt" / rid / "checkpoints"
     shutil.rmtree(folder)
     shutil.copytree(reference["root"] / "snap" / str(step), folder)
     rec = run(cfg)
@@ -112,8 +112,8 @@ def test_resume_refuses_a_checkpoint_written_for_other_data(tmp_path: Path, refe
     generate_files(tmp_path / "other", 160, 40, 40, seed=3,
                    params=ListOpsParams(max_depth=3, max_args=4, min_length=5, max_length=40))
     cfg = compose([*RESUME_ARGS, f"data_dir={tmp_path}/other", f"results_dir={tmp_path}/runs",
-                   f"ckpt_root={reference['root']}/ckpt"])
-    folder = reference["root"] / "ckpt" / run_id(cfg)
+                   f"runs_root={reference['root']}/ckpt"])
+    folder = reference["root"] / "ckpt" / run_id(cfg) / "checkpoints"
     shutil.rmtree(folder)
     shutil.copytree(reference["root"] / "snap" / str(TRICKY_STEPS[-1]), folder)
     with pytest.raises(DataError, match="train_size 200 -> 160"):
@@ -142,8 +142,8 @@ def test_run_killed_repeatedly_resumes_to_the_identical_result(tmp_path: Path, l
     says how to continue, exits 128 + signal, writes no record), then a run to the end: the final
     metrics, validation history and weights equal the uninterrupted run's to the last bit."""
     args = [_exe("lra-train"), *RESUME_ARGS, f"data_dir={listops_dir}", f"results_dir={tmp_path}/runs",
-            f"ckpt_root={tmp_path}/ckpt", "checkpoint_every=3"]
-    last = tmp_path / "ckpt" / reference["record"]["run_id"] / "last.ckpt"
+            f"runs_root={tmp_path}/ckpt", "checkpoint_every=3"]
+    last = tmp_path / "ckpt" / reference["record"]["run_id"] / "checkpoints" / "last.ckpt"
     seen, steps = None, []
     for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGINT, signal.SIGTERM):
         proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -174,7 +174,7 @@ def test_run_killed_repeatedly_resumes_to_the_identical_result(tmp_path: Path, l
 def test_bf16_mixed_runs_every_backend(tmp_path: Path, listops_dir: Path):
     for name in BACKENDS:
         rec = run(compose([f"attention={name}", "experiment=smoke", f"data_dir={listops_dir}", "logger=none",
-                           f"results_dir={tmp_path}/runs", f"ckpt_root={tmp_path}/ckpt", "task.max_len=40",
+                           f"results_dir={tmp_path}/runs", f"runs_root={tmp_path}/ckpt", "task.max_len=40",
                            "precision=bf16-mixed", "trainer.max_steps=2"]))
         assert rec["status"] == "finished" and rec["precision"] == "bf16-mixed", name
         assert math.isfinite(rec["final_train_loss"]), name
@@ -186,7 +186,7 @@ def test_bf16_mixed_runs_every_backend(tmp_path: Path, listops_dir: Path):
 def test_precision_modes_on_cpu_are_what_they_say(tmp_path: Path, listops_dir: Path):
     def loss(precision: str) -> dict:
         return run(compose(["attention=softmax", "experiment=smoke", f"data_dir={listops_dir}", "logger=none",
-                            f"results_dir={tmp_path}/{precision}", f"ckpt_root={tmp_path}/ckpt", "task.max_len=40",
+                            f"results_dir={tmp_path}/{precision}", f"runs_root={tmp_path}/ckpt", "task.max_len=40",
                             f"precision={precision}", "trainer.max_steps=2"]))
 
     fp32, bf16, fp16 = loss("32"), loss("bf16-mixed"), loss("16-mixed")
@@ -202,7 +202,7 @@ def test_precision_modes_on_cpu_are_what_they_say(tmp_path: Path, listops_dir: P
 
 def test_nonfinite_loss_fails_the_run_with_a_failed_record(tmp_path: Path, listops_dir: Path):
     p = subprocess.run([_exe("lra-train"), "experiment=smoke", f"data_dir={listops_dir}", "logger=none",
-                        f"results_dir={tmp_path}/runs", f"ckpt_root={tmp_path}/ckpt", "task.max_len=40",
+                        f"results_dir={tmp_path}/runs", f"runs_root={tmp_path}/ckpt", "task.max_len=40",
                         "optimizer.lr=1e30"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 2, p.stderr[-2000:]
     [line] = [l for l in p.stderr.splitlines() if l.startswith("lra-train: error:")]
@@ -219,11 +219,11 @@ def test_ddp_on_cpu_matches_one_process_with_the_same_global_batch(tmp_path: Pat
               "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.limit_val_batches=null",
               "trainer.limit_test_batches=null", "data.batch_size=16", "optimizer.lr=3e-3", "checkpoint_every=10"]
     p = subprocess.run([_exe("lra-train"), *common, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                        f"results_dir={tmp_path}/ddp", f"ckpt_root={tmp_path}/ddp-ckpt"],
+                        f"results_dir={tmp_path}/ddp", f"runs_root={tmp_path}/ddp-ckpt"],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     [ddp] = _records(tmp_path / "ddp")  # exactly one record: rank 0's
-    one = run(compose([*common, f"results_dir={tmp_path}/one", f"ckpt_root={tmp_path}/one-ckpt"]))
+    one = run(compose([*common, f"results_dir={tmp_path}/one", f"runs_root={tmp_path}/one-ckpt"]))
     assert ddp["world_size"] == 2 and one["world_size"] == 1 and ddp["steps"] == one["steps"] == 30
     assert ddp["config"]["data"]["batch_size"] == one["config"]["data"]["batch_size"] == 16  # the global batch
     gap = abs(ddp["final_train_loss"] - one["final_train_loss"])
@@ -234,7 +234,7 @@ def test_ddp_on_cpu_matches_one_process_with_the_same_global_batch(tmp_path: Pat
     for (_, a), (_, b) in zip(ddp["val_history"], one["val_history"]):
         assert abs(a - b) <= 100 / 40 + 1e-6  # at most one of the 40 validation examples apart
     assert abs(ddp["test_acc"] - one["test_acc"]) <= 100 / 40 + 1e-6
-    files = sorted(f.name for f in (tmp_path / "ddp-ckpt" / ddp["run_id"]).iterdir())
+    files = sorted(f.name for f in (tmp_path / "ddp-ckpt" / ddp["run_id"] / "checkpoints").iterdir())
     assert files == sorted([f"best-step={ddp['best_step']}.ckpt", "last.ckpt"]), files
     assert not [line for line in p.stderr.splitlines() if "error:" in line], p.stderr[-2000:]
 

@@ -62,7 +62,7 @@ def test_sweep_interrupted_and_resumed_skips_finished_runs(tmp_path: Path, listo
     runs = tmp_path / "runs"
     # 300 steps per run (a few seconds) so the kill reliably lands while the second run trains
     args = ["-m", "seed=1,2", "attention=softmax", "experiment=smoke", f"data_dir={listops_dir}",
-            f"results_dir={runs}", f"ckpt_root={tmp_path}/ckpt", "logger=none", "task.max_len=40",
+            f"results_dir={runs}", f"runs_root={tmp_path}/ckpt", "logger=none", "task.max_len=40",
             "trainer.max_steps=300", "trainer.val_check_interval=100"]
     p = _lra_train(args, tmp_path)
     deadline = time.time() + 180
@@ -85,7 +85,7 @@ def test_sweep_interrupted_and_resumed_skips_finished_runs(tmp_path: Path, listo
 def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, listops_dir: Path):
     runs = tmp_path / "runs"
     p = _lra_train(["-m", "model.max_len=20,40", "attention=linformer", "experiment=smoke",
-                    f"data_dir={listops_dir}", f"results_dir={runs}", f"ckpt_root={tmp_path}/ckpt",
+                    f"data_dir={listops_dir}", f"results_dir={runs}", f"runs_root={tmp_path}/ckpt",
                     "logger=none", "task.max_len=40"], tmp_path)
     out, _ = p.communicate(timeout=240)
     recs = sorted((json.loads(f.read_text()) for f in runs.glob("*.json")), key=lambda r: r["config"]["model"]["max_len"])
@@ -98,9 +98,9 @@ def test_wandb_offline_run_holds_the_result_table(tmp_path: Path, listops_dir: P
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = compose(["attention=nystrom", "experiment=smoke", f"data_dir={listops_dir}", f"results_dir={tmp_path}/runs",
-                   f"ckpt_root={tmp_path}/ckpt", "logger=wandb", f"logger.save_dir={tmp_path}/logs", "task.max_len=40"])
+                   f"runs_root={tmp_path}/rf", "logger=wandb", "task.max_len=40"])
     rec = run(cfg)
-    run_dirs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    run_dirs = list((tmp_path / "rf" / rec["run_id"] / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
     assert list(run_dirs[0].glob("*.wandb"))
     tables = list(run_dirs[0].glob("files/media/table/result_*.table.json"))
@@ -134,3 +134,51 @@ def test_make_reproduce_prints_the_exact_commands():
         assert sum(f"experiment=nystromformer/{task} " in l for l in trains) == 4
     assert sum("attention=performer attention.kernel=relu" in l for l in trains) == 5
     assert "lra-leaderboard" in out.splitlines()[-1]
+
+
+def _wandb_log(run_dir: Path, wanted: tuple[bytes, ...], timeout: float = 30) -> bytes:
+    """The run's binary .wandb log once it holds every key of `wanted` (wandb flushes it shortly after
+    finish), or as it is after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        log = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+        if all(k in log for k in wanted) or time.time() > deadline:
+            return log
+        time.sleep(0.5)
+
+
+def test_sweep_with_a_failing_run_keeps_every_wandb_run_separate(tmp_path: Path, listops_dir: Path):
+    """The middle job's loss turns NaN mid-training (its W&B run is open by then): it must be finished,
+    so the third job gets its own W&B run instead of writing into the failed one."""
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    p = subprocess.run([str(Path(sys.executable).parent / "lra-train"), "-m", "optimizer.lr=1e-3,1e30,2e-3",
+                        "attention=softmax", "experiment=smoke", f"data_dir={listops_dir}", "logger=wandb",
+                        f"results_dir={tmp_path}/results", f"runs_root={tmp_path}/runs", "task.max_len=40"],
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = {json.loads(f.read_text())["config"]["optimizer"]["lr"]: json.loads(f.read_text())
+            for f in (tmp_path / "results").glob("*.json")}
+    assert [recs[lr]["status"] for lr in (1e-3, 1e30, 2e-3)] == ["finished", "failed", "finished"]
+    for lr, rec in recs.items():
+        [wandb_run] = (tmp_path / "runs" / rec["run_id"] / "wandb").glob("offline-run-*")
+        assert wandb_run.name.endswith(rec["run_id"])  # its own W&B run, named by its run id
+        if rec["status"] == "finished":
+            log = _wandb_log(wandb_run, (b"test/acc", b"train/loss"))
+            assert b"test/acc" in log and b"train/loss" in log, lr
+        else:
+            log = _wandb_log(wandb_run, (b"train/loss",))
+            assert b"test/acc" not in log, "the failed run's W&B log holds another run's test metrics"
+    assert len(list((tmp_path / "runs").glob("*/wandb/offline-run-*"))) == 3
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize("respect_env", [False, True])
+def test_logger_mode_wins_over_an_inherited_wandb_mode(tmp_path: Path, listops_dir: Path, monkeypatch,
+                                                       respect_env: bool):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    rec = run(compose(["attention=softmax", "experiment=smoke", f"data_dir={listops_dir}", "logger=wandb",
+                       f"logger.wandb.respect_env={str(respect_env).lower()}", f"results_dir={tmp_path}/runs",
+                       f"runs_root={tmp_path}/rf", "task.max_len=40", "trainer.max_steps=2"]))
+    made = list((tmp_path / "rf" / rec["run_id"] / "wandb").glob("offline-run-*"))
+    assert len(made) == (0 if respect_env else 1)  # offline (the config) unless told to take the environment

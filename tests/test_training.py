@@ -27,7 +27,7 @@ RECORD_FIELDS = {"task", "attention", "seed", "val_acc", "test_acc", "steps", "t
 
 def smoke_overrides(tmp: Path, data_dir: Path, attention: str, *extra: str) -> list[str]:
     return [f"attention={attention}", "experiment=smoke", f"data_dir={data_dir}", f"results_dir={tmp}/runs",
-            f"ckpt_root={tmp}/ckpt", "logger=none", "task.max_len=40", *extra]
+            f"runs_root={tmp}/rf", "logger=none", "task.max_len=40", *extra]
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -67,11 +67,11 @@ def test_relative_output_paths(tmp_path: Path, listops_dir: Path, monkeypatch):
     and the best checkpoint survives to be tested."""
     monkeypatch.chdir(tmp_path)
     cfg = compose(["attention=softmax", "experiment=smoke", f"data_dir={listops_dir}", "results_dir=rel/runs",
-                   "ckpt_root=rel/ckpt", "logger=none", "task.max_len=40"])
+                   "runs_root=rel/rf", "logger=none", "task.max_len=40"])
     rec = run(cfg)
     assert rec["status"] == "finished" and rec["best_step"] in (2, 4)
     assert (tmp_path / "rel" / "runs" / f"{rec['run_id']}.json").is_file()
-    assert list((tmp_path / "rel" / "ckpt" / rec["run_id"]).glob("best-step=*.ckpt"))
+    assert list((tmp_path / "rel" / "rf" / rec["run_id"] / "checkpoints").glob("best-step=*.ckpt"))
 
 
 def test_seeded_runs_are_identical_and_seeds_differ(tmp_path: Path, listops_dir: Path):
@@ -79,7 +79,7 @@ def test_seeded_runs_are_identical_and_seeds_differ(tmp_path: Path, listops_dir:
         return run(compose(smoke_overrides(tmp_path / sub, listops_dir, "nystrom", f"seed={seed}")))
 
     a, b, c = result(1, "a"), result(1, "b"), result(2, "c")
-    ignore = {"train_seconds", "steps_per_second", "peak_memory_mb", "created", "config", "command"}
+    ignore = {"train_seconds", "steps_per_second", "peak_memory_mb", "created", "config", "command", "run_dir"}
     assert {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
     assert a["config_hash"] != c["config_hash"]
     # a different seed computes something else, not just another hash: other weights, other losses
@@ -95,13 +95,15 @@ def _cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 24
 
 
 def test_cli_run_and_sweep(tmp_path: Path, listops_dir: Path):
-    common = [f"data_dir={listops_dir}", f"results_dir={tmp_path}/runs", f"ckpt_root={tmp_path}/ckpt",
-              "experiment=smoke", "logger=csv", f"logger.save_dir={tmp_path}/logs", "task.max_len=40"]
+    common = [f"data_dir={listops_dir}", f"results_dir={tmp_path}/runs", f"runs_root={tmp_path}/rf",
+              "experiment=smoke", "logger=csv", "task.max_len=40"]
     p = _cli("-m", "attention=softmax,linformer", *common, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = sorted(json.loads(f.read_text())["attention"] for f in (tmp_path / "runs").glob("*.json"))
     assert recs == ["linformer", "softmax"]
-    assert len(list((tmp_path / "logs").glob("*/metrics.csv"))) == 2
+    assert len(list((tmp_path / "rf").glob("*/csv/metrics.csv"))) == 2
+    assert len(list((tmp_path / "rf").glob("*/config.yaml"))) == 2
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
 @pytest.mark.parametrize(
@@ -115,7 +117,7 @@ def test_cli_run_and_sweep(tmp_path: Path, listops_dir: Path):
 )
 def test_cli_errors_are_one_paragraph(tmp_path: Path, listops_dir: Path, overrides: list[str], expect: str):
     args = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
-    p = _cli(f"data_dir={listops_dir}", f"results_dir={tmp_path}/runs", f"ckpt_root={tmp_path}/ckpt",
+    p = _cli(f"data_dir={listops_dir}", f"results_dir={tmp_path}/runs", f"runs_root={tmp_path}/rf",
              "experiment=smoke", "logger=none", "task.max_len=40", *args, cwd=tmp_path)
     assert p.returncode == 2, p.stdout[-1500:] + p.stderr[-1500:]
     assert expect in p.stderr

@@ -1,0 +1,194 @@
+"""Compose-time checks of a run's config, before torch or Lightning is imported.
+
+Hydra already refuses `key=value` for a key the config does not have. What it lets through, and what
+this catches with one paragraph naming the key: keys that an experiment/task file or a `+key=` override
+adds but nothing reads (`data.batch_szie`), values of the wrong type (`trainer.max_steps=abc`,
+`model.dim=x`), `trainer.*` names that `lightning.Trainer` does not take, and group entries (logger,
+callbacks) without a `_target_`.
+
+Where the reference comes from (nothing typed here that conf/ already says):
+* top-level and `data.*` keys: those of conf/train.yaml; a value's type is that of its default there
+  (or `NULLABLE` for keys whose default is null);
+* `model.*` keys: those of the conf/model/*.yaml files, types from their values;
+* `trainer.*` names: `lightning.Trainer.__init__`'s parameters, read from Lightning's source with `ast`
+  (importing Lightning takes seconds); simple annotations (int, bool, float, Optional[...]) are checked.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lra.config import CONF_DIR
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (names the key and the fix)."""
+
+
+# Groups whose content belongs to the object it builds (checked there, or below by name).
+OPEN_GROUPS = ("attention", "task", "optimizer", "scheduler", "hydra")
+BUILT_GROUPS = ("logger", "callbacks")  # name -> {_target_: ..., ...} or null
+# Defaults that are null in conf/train.yaml, and what a value must be when it is set.
+NULLABLE = {"threads": int, "run_id": str, "ckpt_root": str, "data.eval_batch_size": int}
+MINIMUM = {"seed": 0, "checkpoint_every": 0, "threads": 1, "data.batch_size": 1, "data.eval_batch_size": 1,
+           "data.num_workers": 0, "trainer.max_steps": 1, "trainer.val_check_interval": 1}
+# Trainer arguments lra-train sets itself, and what to use instead.
+DRIVER_TRAINER_ARGS = {
+    "callbacks": "the callbacks group (callbacks=..., +callbacks.<name>._target_=...)",
+    "logger": "the logger group (logger=csv|wandb|none, logger=[csv,wandb])",
+    "plugins": "precision= (lra-train adds its checkpoint plugin itself)",
+    "default_root_dir": "runs_root=", "enable_progress_bar": "progress=", "num_sanity_val_steps": None,
+    "check_val_every_n_epoch": "trainer.val_check_interval=", "use_distributed_sampler": None,
+    "enable_model_summary": None, "enable_checkpointing": None,
+}
+_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value} {why}")
+
+
+def _unknown(key: str, known: list[str], where: str) -> None:
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" Did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{near[0]}?" if near else ""
+    raise ConfigError(f"unknown config key '{key}': nothing reads it ({where} takes: {', '.join(sorted(known))})."
+                      f"{hint} Fix the spelling on the command line or in the experiment/task file that sets it.")
+
+
+def _check_type(key: str, value: Any, kind: type) -> None:
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, (str, int, float))}[kind](value)
+    if not ok:
+        _fail(key, value, f"must be {_TYPES[kind]}.")
+    low = MINIMUM.get(key)
+    if low is not None and value < low:
+        _fail(key, value, f"must be an integer >= {low}.")
+
+
+def _kind(default: Any) -> type | None:
+    for t in (bool, int, float, str):
+        if isinstance(default, t):
+            return float if t is int and isinstance(default, float) else t
+    return None
+
+
+def _check_section(cfg: DictConfig, ref: DictConfig, prefix: str, where: str, skip: tuple = ()) -> None:
+    """Every key of `cfg` (but `skip`) must be in `ref`; a value whose default has a plain type keeps it."""
+    defaults = OmegaConf.to_container(ref, resolve=False)
+    known = [str(k) for k in defaults if not str(k).startswith("_") and k not in skip]
+    for key in cfg.keys():
+        if key in skip:
+            continue
+        full = f"{prefix}{key}"
+        if key not in defaults:
+            _unknown(full, known, where)
+        default = defaults[key]
+        kind = NULLABLE.get(full) or _kind(default)
+        if isinstance(default, str) and "${" in default:
+            kind = None  # an interpolation: its type is the target's, checked there
+        value = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=False)
+        if kind is not None and value is not None and not isinstance(value, (DictConfig, ListConfig)):
+            _check_type(full, value, kind)
+        elif value is None and full in MINIMUM and full not in NULLABLE:
+            _fail(full, value, f"must be {_TYPES[int]} >= {MINIMUM[full]}.")
+
+
+@lru_cache(maxsize=1)
+def _train_yaml() -> DictConfig:
+    return OmegaConf.load(CONF_DIR / "train.yaml")
+
+
+@lru_cache(maxsize=1)
+def _model_reference() -> DictConfig:
+    """The keys of every conf/model/*.yaml (a key of one model file is a model key)."""
+    ref = OmegaConf.create({})
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        ref = OmegaConf.merge(ref, OmegaConf.load(path))
+    return ref
+
+
+@lru_cache(maxsize=1)
+def trainer_parameters() -> dict[str, str | None]:
+    """`lightning.Trainer.__init__`'s parameter names -> annotation source, read without importing it."""
+    spec = importlib.util.find_spec("lightning")
+    source = Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py"
+    tree = ast.parse(source.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+            args = [*init.args.args[1:], *init.args.kwonlyargs]
+            return {a.arg: ast.unparse(a.annotation) if a.annotation else None for a in args}
+    raise RuntimeError(f"no Trainer class in {source}")
+
+
+def _annotation_kind(text: str | None) -> type | None:
+    simple = {"int": int, "bool": bool, "float": float}
+    if text is None:
+        return None
+    inner = text[len("Optional["):-1] if text.startswith("Optional[") else text
+    return simple.get(inner)
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    params = trainer_parameters()
+    for key in cfg.trainer.keys():
+        full = f"trainer.{key}"
+        if key == "_target_":
+            continue
+        if key in DRIVER_TRAINER_ARGS:
+            use = DRIVER_TRAINER_ARGS[key]
+            raise ConfigError(f"{full} is set by lra-train itself" + (f"; use {use} instead." if use else "."))
+        if key not in params:
+            _unknown(full, [p for p in params if p not in DRIVER_TRAINER_ARGS], "lightning.Trainer")
+        value = OmegaConf.select(cfg.trainer, str(key), throw_on_resolution_failure=False)
+        kind = _annotation_kind(params[key])
+        if full in MINIMUM:
+            kind = int
+        if value is not None and kind is not None:
+            _check_type(full, value, kind)
+        elif value is None and full in MINIMUM:
+            _fail(full, value, f"must be {_TYPES[int]} >= {MINIMUM[full]}.")
+
+
+def _check_built(cfg: DictConfig, group: str) -> None:
+    section = cfg.get(group)
+    if section is None:
+        return
+    if not isinstance(section, DictConfig):
+        raise ConfigError(f"{group} must be a mapping of name -> {{_target_: ..., ...}}; choose one with "
+                          f"{group}=<file in conf/{group}/>.")
+    for name in section.keys():
+        entry = section[name]
+        if entry is not None and (not isinstance(entry, DictConfig) or "_target_" not in entry):
+            raise ConfigError(f"{group}.{name} has no _target_: each {group} entry is {{_target_: <class>, "
+                              f"<its arguments>}} (or null to drop it).")
+
+
+def validate(cfg: DictConfig) -> None:
+    """ConfigError naming the first unknown or mistyped key of `cfg` (a composed lra-train config)."""
+    ref = _train_yaml()
+    top = {k for k in ref.keys() if k != "defaults"} | {"model", "trainer", *OPEN_GROUPS, *BUILT_GROUPS}
+    for key in cfg.keys():
+        if key not in top:
+            _unknown(str(key), sorted(top - {"hydra"}), "the top level")
+    _check_section(cfg, ref, "", "the top level", skip=("defaults", "data", "model", "trainer", *OPEN_GROUPS,
+                                                        *BUILT_GROUPS))
+    _check_section(cfg.data, ref.data, "data.", "data")
+    _check_section(cfg.model, _model_reference(), "model.", "model (conf/model/*.yaml)")
+    _check_trainer(cfg)
+    for group in BUILT_GROUPS:
+        _check_built(cfg, group)
+    if cfg.get("ckpt_root") is not None:
+        raise ConfigError(f"ckpt_root={cfg.ckpt_root} is replaced by runs_root: a run's checkpoints, logs and "
+                          f"config now live together in <runs_root>/<run_id>/ (checkpoints/ inside it). Pass "
+                          f"runs_root={cfg.ckpt_root} instead.")
+    if cfg.get("run_id") is not None:
+        raise ConfigError(f"run_id={cfg.run_id} is set by lra-train from the config (task, backend, seed and a "
+                          "hash of the settings); leave it out. To keep runs apart, change runs_root.")
