@@ -7,7 +7,9 @@ The run's resolved config comes from the checkpoint itself (every checkpoint of 
 or else from the run folder's config.yaml; overrides apply on top. Overrides may change where data comes
 from and how evaluation runs, never the model: a `model.*` or `attention.*` setting that differs from the
 checkpoint's is refused, naming the keys. The checkpoint is loaded with weights only (no code runs).
-`record=true` writes `eval-<checkpoint name>.json` (a result record, status `evaluated`) into the run folder.
+`record=true` writes `eval-<checkpoint name>.json` into the run folder: a result record of the evaluation
+(its `evaluation` field names the checkpoint and split), kept out of results_dir so that no table counts
+a run twice.
 """
 from __future__ import annotations
 
@@ -128,7 +130,10 @@ def evaluate(ckpt_path: str, split: str = "test", record: bool = False, override
 
         folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         dest = folder / f"eval-{path.stem}.json"
-        write_json_atomic(dest, records.make_record(cfg, "evaluated", split=split, **out))
+        rec = records.make_record(cfg, "finished", **{k: out.get(k) for k in ("val_acc", "test_acc", "majority_acc")},
+                                  attention_stats=out["attention_stats"], run_dir=str(folder))
+        rec["evaluation"] = {"ckpt_path": str(path), "split": split, "command": "lra-eval " + " ".join(sys.argv[1:])}
+        write_json_atomic(dest, rec)
         out["record"] = str(dest)
     return out
 

@@ -20,6 +20,7 @@ BAD = [  # (overrides, phrase of the paragraph)
     (["model.dropout=high"], "model.dropout=high must be a number"),
     (["+data.batch_szie=3"], "unknown config key 'data.batch_szie'"),
     (["+model.dimm=3"], "Did you mean model.dim?"),
+    (["+data.seed=3"], "data.seed is supplied by lra-train"),
     (["+trainer.max_step=3"], "Did you mean trainer.max_steps?"),
     (["+trainer.logger=false"], "trainer.logger is set by lra-train itself"),
     (["+sede=1"], "unknown config key 'sede'"),
@@ -27,7 +28,7 @@ BAD = [  # (overrides, phrase of the paragraph)
     (["threads=0"], "threads=0 must be an integer >= 1"),
     (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
     (["+callbacks.bad.patience=3"], "callbacks.bad has no _target_"),
-    (["ckpt_root=/tmp/x"], "replaced by runs_root"),
+    (["+model.head=pooled"], "model.head is supplied by lra-train"),
     (["run_id=mine"], "run_id=mine is set by lra-train"),
 ]
 
@@ -93,3 +94,12 @@ def test_logger_and_callback_groups_build_what_they_name(tmp_path: Path):
     assert isinstance(callbacks[0], LearningRateMonitor) and type(callbacks[1]).__name__ == "EarlyStopping"
     none = compose(["logger=none"])
     assert build_group(none.logger) == [] and build_group(none.callbacks) == []
+
+
+def test_the_old_ckpt_root_key_still_names_the_runs_root(tmp_path: Path):
+    from lra.training.run import prepare
+
+    cfg = compose(["experiment=smoke", f"ckpt_root={tmp_path}/old", f"results_dir={tmp_path}/results"])
+    rid = prepare(cfg)
+    assert cfg.runs_root == f"{tmp_path}/old" and cfg.ckpt_root is None
+    assert cfg.run_dir == f"{tmp_path}/old/{rid}"

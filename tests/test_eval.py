@@ -54,8 +54,8 @@ def test_eval_cli_prints_writes_the_record_and_says_errors_in_one_paragraph(fini
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"test acc {rec['test_acc']:.2f}%" in p.stdout
     written = json.loads((Path(rec["run_dir"]) / f"eval-{best.stem}.json").read_text())
-    assert written["status"] == "evaluated" and written["test_acc"] == rec["test_acc"]
-    assert written["run_id"] == rec["run_id"] and written["ckpt_path"] == str(best)
+    assert written["test_acc"] == rec["test_acc"] and written["run_id"] == rec["run_id"]
+    assert written["evaluation"]["ckpt_path"] == str(best) and written["evaluation"]["split"] == "test"
     bad = _eval_cli(f"ckpt_path={best}", "model.depth=3", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     [line] = [l for l in bad.stderr.splitlines() if l.startswith("lra-eval: error:")]

@@ -59,6 +59,10 @@ def prepare(cfg: DictConfig) -> str:
     from lra.training import records
 
     validate(cfg)
+    if cfg.get("ckpt_root") is not None:  # the old name of runs_root
+        _say(f"[lra] ckpt_root= is now runs_root= (a run's checkpoints, logs and config live together in "
+             f"<runs_root>/<run_id>/); using runs_root={cfg.ckpt_root}")
+        cfg.runs_root, cfg.ckpt_root = cfg.ckpt_root, None
     raw = cfg.trainer.precision  # ${precision} unless trainer.precision was overridden itself
     p = PRECISIONS.get(str(raw))
     if p is None:

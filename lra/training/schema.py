@@ -7,9 +7,10 @@ adds but nothing reads (`data.batch_szie`), values of the wrong type (`trainer.m
 callbacks) without a `_target_`.
 
 Where the reference comes from (nothing typed here that conf/ already says):
-* top-level and `data.*` keys: those of conf/train.yaml; a value's type is that of its default there
+* top-level keys: those of conf/train.yaml; a value's type is that of its default there
   (or `NULLABLE` for keys whose default is null);
-* `model.*` keys: those of the conf/model/*.yaml files, types from their values;
+* `model.*` and `data.*` keys: the parameters of their `_target_` (build_model, the DataModule), read
+  from its source with `ast` (so a new model option needs no edit here), types from the annotations;
 * `trainer.*` names: `lightning.Trainer.__init__`'s parameters, read from Lightning's source with `ast`
   (importing Lightning takes seconds); simple annotations (int, bool, float, Optional[...]) are checked.
 """
@@ -38,6 +39,9 @@ BUILT_GROUPS = ("logger", "callbacks")  # name -> {_target_: ..., ...} or null
 NULLABLE = {"threads": int, "run_id": str, "ckpt_root": str, "data.eval_batch_size": int}
 MINIMUM = {"seed": 0, "checkpoint_every": 0, "threads": 1, "data.batch_size": 1, "data.eval_batch_size": 1,
            "data.num_workers": 0, "trainer.max_steps": 1, "trainer.val_check_interval": 1}
+# Arguments lra-train passes to what a section's _target_ builds (the task's sizes, the run's data).
+SUPPLIED = {"model": ("head", "vocab_size", "num_classes", "attention"),
+            "data": ("reader", "data_dir", "seed", "progress", "folder")}
 # Trainer arguments lra-train sets itself, and what to use instead.
 DRIVER_TRAINER_ARGS = {
     "callbacks": "the callbacks group (callbacks=..., +callbacks.<name>._target_=...)",
@@ -107,11 +111,82 @@ def _train_yaml() -> DictConfig:
 
 @lru_cache(maxsize=1)
 def _model_reference() -> DictConfig:
-    """The keys of every conf/model/*.yaml (a key of one model file is a model key)."""
+    """The keys of every conf/model/*.yaml (used when the model's _target_ cannot be read)."""
     ref = OmegaConf.create({})
     for path in sorted((CONF_DIR / "model").glob("*.yaml")):
         ref = OmegaConf.merge(ref, OmegaConf.load(path))
     return ref
+
+
+def _check_target_section(cfg: DictConfig, section: str, fallback: DictConfig) -> None:
+    """`cfg.<section>` holds a `_target_` and its arguments: every key must be a parameter of that target
+    (read from its source) that lra-train does not supply itself, with the annotated type."""
+    node = cfg[section]
+    params = target_parameters(str(node.get("_target_", ""))) if "_target_" in node else None
+    if params is None:
+        _check_section(node, fallback, f"{section}.", section)
+        return
+    supplied = SUPPLIED.get(section, ())
+    target = node._target_
+    for key in node.keys():
+        full = f"{section}.{key}"
+        if str(key).startswith("_"):
+            continue
+        if key in supplied:
+            raise ConfigError(f"{full} is supplied by lra-train (from the task and the run); remove it from the "
+                              "config.")
+        if key not in params and "**" not in params:
+            _unknown(full, [p for p in params if p not in supplied and p != "**"], target)
+        value = OmegaConf.select(node, str(key), throw_on_resolution_failure=False)
+        kind = int if full in MINIMUM else _annotation_kind(params.get(key))
+        if value is not None and kind is not None and not isinstance(value, (DictConfig, ListConfig)):
+            _check_type(full, value, kind)
+        elif value is None and full in MINIMUM and full not in NULLABLE:
+            _fail(full, value, f"must be {_TYPES[int]} >= {MINIMUM[full]}.")
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of `module`, found without importing it or its packages."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)  # a top-level find_spec imports nothing
+    if spec is None:
+        return None
+    dirs = list(spec.submodule_search_locations or [])
+    if not rest:
+        return Path(spec.origin) if spec.origin else None
+    for d in dirs:
+        base = Path(d).joinpath(*rest)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+@lru_cache(maxsize=32)
+def target_parameters(target: str) -> dict[str, str | None] | None:
+    """`{parameter: annotation source}` of the function or class (its __init__) named by `target`, read
+    from its source with `ast` (importing it may take seconds); None if it cannot be read that way.
+    A `**kwargs` parameter appears as "**"."""
+    module, _, name = target.rpartition(".")
+    path = _module_file(module) if module else None
+    if path is None:
+        return None
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            node = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+            if node is None:
+                return None
+            skip = 1
+        elif isinstance(node, ast.FunctionDef) and node.name == name:
+            skip = 0
+        else:
+            continue
+        args = [*node.args.posonlyargs, *node.args.args][skip:] + node.args.kwonlyargs
+        out = {a.arg: ast.unparse(a.annotation) if a.annotation else None for a in args}
+        if node.args.kwarg is not None:
+            out["**"] = None
+        return out
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -129,11 +204,14 @@ def trainer_parameters() -> dict[str, str | None]:
 
 
 def _annotation_kind(text: str | None) -> type | None:
-    simple = {"int": int, "bool": bool, "float": float}
+    """int/float/bool/str for `int`, `int | None`, `Optional[int]` and the like; None for anything else."""
     if text is None:
         return None
-    inner = text[len("Optional["):-1] if text.startswith("Optional[") else text
-    return simple.get(inner)
+    t = text.replace(" ", "")
+    if t.startswith("Optional[") and t.endswith("]"):
+        t = t[len("Optional["):-1]
+    parts = [p for p in t.split("|") if p != "None"]
+    return {"int": int, "bool": bool, "float": float, "str": str}.get(parts[0]) if len(parts) == 1 else None
 
 
 def _check_trainer(cfg: DictConfig) -> None:
@@ -180,15 +258,11 @@ def validate(cfg: DictConfig) -> None:
             _unknown(str(key), sorted(top - {"hydra"}), "the top level")
     _check_section(cfg, ref, "", "the top level", skip=("defaults", "data", "model", "trainer", *OPEN_GROUPS,
                                                         *BUILT_GROUPS))
-    _check_section(cfg.data, ref.data, "data.", "data")
-    _check_section(cfg.model, _model_reference(), "model.", "model (conf/model/*.yaml)")
+    _check_target_section(cfg, "data", ref.data)
+    _check_target_section(cfg, "model", _model_reference())
     _check_trainer(cfg)
     for group in BUILT_GROUPS:
         _check_built(cfg, group)
-    if cfg.get("ckpt_root") is not None:
-        raise ConfigError(f"ckpt_root={cfg.ckpt_root} is replaced by runs_root: a run's checkpoints, logs and "
-                          f"config now live together in <runs_root>/<run_id>/ (checkpoints/ inside it). Pass "
-                          f"runs_root={cfg.ckpt_root} instead.")
     if cfg.get("run_id") is not None:
         raise ConfigError(f"run_id={cfg.run_id} is set by lra-train from the config (task, backend, seed and a "
                           "hash of the settings); leave it out. To keep runs apart, change runs_root.")
