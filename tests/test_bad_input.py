@@ -156,7 +156,7 @@ CASES: dict[str, Case] = {
     "train_results_dir_under_a_file": Case(
         "lra-train", lambda c, r: [*_train_args(c, r), f"results_dir={c}/taken/runs"], "cannot be written to",
         setup=lambda c, r: (c / "taken").write_text("a file")),
-    "train_ckpt_root_is_a_file": Case(
+    "train_runs_root_is_a_file": Case(
         "lra-train", lambda c, r: [*_train_args(c, r), f"runs_root={c}/taken"], "runs_root=",
         setup=lambda c, r: (c / "taken").write_text("a file")),
     "train_corrupt_checkpoint": Case("lra-train", lambda c, r: _train_args(c, r), "cannot resume from",

@@ -54,6 +54,9 @@ def test_smoke_training_run_writes_record(tmp_path: Path, listops_dir: Path, att
     assert RECORD_FIELDS <= set(rec)
     assert rec["status"] == "finished" and rec["steps"] == 4 and rec["attention"] == attention
     assert 0 <= rec["test_acc"] <= 100 and 0 <= rec["val_acc"] <= 100
+    assert all(isinstance(v, float) for v in rec["attention_stats"].values())  # {} for a backend without any
+    folder = Path(rec["run_dir"])
+    assert folder == (tmp_path / "rf" / rec["run_id"]).resolve() and (folder / "config.yaml").is_file()
     on_disk = json.loads((tmp_path / "runs" / f"{rec['run_id']}.json").read_text())
     assert on_disk["test_acc"] == rec["test_acc"] and on_disk["config"]["attention"]["name"] == attention
     assert not list((tmp_path / "runs").glob(".*tmp*")), "temporary files left behind"
@@ -133,3 +136,22 @@ def test_unknown_backend_group_lists_options(tmp_path: Path):
     p = _cli("attention=flash9", cwd=tmp_path, timeout=60)
     assert p.returncode != 0
     assert "nystrom" in p.stderr and "softmax" in p.stderr
+
+
+def test_attention_stats_are_averaged_over_the_modules_that_report_them():
+    from torch import nn
+
+    from lra.training.run import attention_stats
+
+    class Reports(nn.Module):
+        def __init__(self, stats: dict):
+            super().__init__()
+            self.stats = stats
+
+        def attention_stats(self) -> dict[str, float]:
+            return self.stats
+
+    net = nn.Sequential(nn.Linear(2, 2), Reports({"a": 1.0, "b": 4.0}), nn.Sequential(Reports({"a": 3.0})),
+                        Reports({}))
+    assert attention_stats(net) == {"a": 2.0, "b": 4.0}
+    assert attention_stats(nn.Linear(2, 2)) == {}

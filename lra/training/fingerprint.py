@@ -15,7 +15,9 @@ paths (`data_dir`, `results_dir`, `ckpt_root`, `run_dir`), logging (`logger`, `p
 `data.eval_batch_size` (padding never changes outputs at real positions, so it changes speed only), the
 devices (`trainer.accelerator/devices/num_nodes/strategy`: `data.batch_size` is the global batch, so N
 processes see the examples one does), `trainer.deterministic`, and `attention._target_`/`attention.name`
-(replaced by `backend`, the yaml's file name, so records from before `_target_` existed compare equal).
+(replaced by `backend`, the yaml's file name, so records from before `_target_` existed compare equal), and
+likewise the `_target_`/`_partial_` of `model`, `data` and `trainer` (the objects lra-train builds); the run
+folder (`runs_root`, `run_id`) and `callbacks` (like the logger).
 
 A run claims protocol P; it is labelled P only when its fingerprint equals the fingerprint of the preset
 composed for it: `experiment=P/<task> attention=<backend>` (or `experiment=P` when P is one file).
@@ -29,12 +31,14 @@ import re
 from typing import Any
 
 # Top-level keys that never change what is trained or evaluated.
-EXCLUDED_TOP = frozenset({"seed", "protocol", "data_dir", "results_dir", "ckpt_root", "run_dir", "logger",
-                          "progress", "resume", "skip_done", "checkpoint_every", "threads", "hydra"})
+EXCLUDED_TOP = frozenset({"seed", "protocol", "data_dir", "results_dir", "ckpt_root", "runs_root", "run_id",
+                          "run_dir", "logger", "callbacks", "progress", "resume", "skip_done", "checkpoint_every",
+                          "threads", "hydra"})
 # Keys inside a section that never change what is trained or evaluated.
 EXCLUDED_SUB = {
-    "data": frozenset({"num_workers", "eval_batch_size"}),
-    "trainer": frozenset({"accelerator", "devices", "num_nodes", "strategy", "log_every_n_steps",
+    "data": frozenset({"num_workers", "eval_batch_size", "_target_", "_partial_"}),
+    "model": frozenset({"_target_", "_partial_"}),
+    "trainer": frozenset({"_target_", "accelerator", "devices", "num_nodes", "strategy", "log_every_n_steps",
                           "enable_progress_bar", "enable_model_summary", "enable_checkpointing", "logger",
                           "callbacks", "default_root_dir", "deterministic", "benchmark", "profiler"}),
     "attention": frozenset({"name", "_target_"}),
