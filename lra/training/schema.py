@@ -77,9 +77,9 @@ def _check_type(key: str, value: Any, kind: type) -> None:
 
 
 def _kind(default: Any) -> type | None:
-    for t in (bool, int, float, str):
+    for t in (bool, int, float, str):  # bool first: it is an int too
         if isinstance(default, t):
-            return float if t is int and isinstance(default, float) else t
+            return t
     return None
 
 
