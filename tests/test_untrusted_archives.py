@@ -287,3 +287,20 @@ def test_cifar_member_claiming_gigabytes_is_refused_before_reading(tmp_path):
     with pytest.raises(DataError, match="claims 3.0 GB"):
         ImageReader()._load(tmp_path / "cifar-10-python.tar.gz", "data_batch_1")
 
+
+
+def test_memory_does_not_grow_with_the_number_of_members(tmp_path):
+    """tarfile keeps every member's header it has read; the release has millions (the pathfinder images)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(8000):
+            tar.addfile(_info(f"lra_release/pathfinder32/curv_baseline/imgs/{i // 1000}/sample_{i % 1000}.png", size=1),
+                        io.BytesIO(b"x"))
+    (tmp_path / "many.tar.gz").write_bytes(gzip_bytes(buf.getvalue()))
+    tracemalloc.start()
+    try:
+        assert list(iter_tar(tmp_path / "many.tar.gz", lambda n: False)) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"peak {peak / 2**20:.1f} MiB over 8,000 members (the 1 MiB read buffer aside)"

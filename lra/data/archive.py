@@ -82,7 +82,7 @@ class _Position:
 
     def start(self, info: tarfile.TarInfo) -> None:
         self.current = info.name
-        stored = 0 if info.isdir() or info.issym() or info.islnk() else info.size
+        stored = info.size if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES else 0
         if not info.issparse():
             self.end = info.offset_data + -(-stored // BLOCK) * BLOCK
 
@@ -108,6 +108,13 @@ def _open(archive: Path) -> Iterator[tuple[BinaryIO, _Source, tarfile.TarFile]]:
         src = _Source(raw)
         with tarfile.open(fileobj=src, mode="r|") as tar:  # type: ignore[call-overload]
             yield raw, src, tar
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members in order, without tarfile's list of every member read (millions for the release)."""
+    while (info := tar.next()) is not None:
+        tar.members.clear()
+        yield info
 
 
 def _check_end(archive: Path, src: _Source, pos: _Position, kept: str) -> None:
@@ -138,7 +145,7 @@ def iter_tar(archive: Path, accept: Callable[[str], bool], read: Callable[[IO[by
     kept = "nothing read from it was used."
     try:
         with _open(archive) as (_, src, tar):
-            for info in tar:
+            for info in _members(tar):
                 pos.start(info)
                 if info.isreg() and accept(info.name):
                     if info.issparse():
@@ -284,7 +291,7 @@ def unpack(archive: Path, out: Path, progress: bool = True, max_member: int = MA
     bar = ByteBar(f"unpacking {archive.name}", archive.stat().st_size, progress)
     try:
         with _open(archive) as (raw, src, tar), bar:
-            for info in tar:
+            for info in _members(tar):
                 pos.start(info)
                 parts = _member_parts(archive, info)
                 try:
