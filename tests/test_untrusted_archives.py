@@ -215,6 +215,9 @@ def test_unpack_checks_free_space_per_member(tmp_path, monkeypatch, capsys):
     assert cli.main(["unpack", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "unpacking member 'big.bin' needs about 390.6 KB" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(release, "free_bytes", lambda folder: 10)  # less than the archive itself
+    assert cli.main(["unpack", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "unpacking a.tar.gz needs about" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # -- the archive readers (prepare text / image from the archive, never unpacked) -------------------------

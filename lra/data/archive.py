@@ -280,12 +280,12 @@ def unpack(archive: Path, out: Path, progress: bool = True, max_member: int = MA
     archive, out = Path(archive), Path(out)
     if not archive.is_file():
         raise DataError(f"archive '{archive}' does not exist; download it first (see `lra-data download`).")
+    ensure_free_space(out, archive.stat().st_size, f"unpacking {archive.name}")  # at least its own size
     existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
     made = _Created(Path(os.path.realpath(out)))
     if not existed:
         made.roots.append(made.base)
-    ensure_free_space(out, archive.stat().st_size, f"unpacking {archive.name}")
     pos = _Position()
     kept = f"nothing of it was kept in '{out}'."
     bar = ByteBar(f"unpacking {archive.name}", archive.stat().st_size, progress)
