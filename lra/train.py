@@ -27,7 +27,7 @@ from lra.atomic import write_json_atomic
 from lra.config import CONF_DIR
 from lra.training.checkpoints import CheckpointError  # noqa: F401 - part of this module's interface
 from lra.training.run import build, check_data, is_rank_zero, run  # noqa: F401 - the driver's entry points
-from lra.training.schema import ConfigError
+from lra.training.schema import ConfigError, check_overrides
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -101,6 +101,11 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    try:  # a misspelt `key=value`: our paragraph (Hydra would only say it cannot override the key)
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"lra-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _app()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lra.config import CONF_DIR, compose
-from lra.training.schema import ConfigError, trainer_parameters, validate
+from lra.training.schema import ConfigError, check_overrides, trainer_parameters, validate
 
 BAD = [  # (overrides, phrase of the paragraph)
     (["trainer.max_steps=abc"], "trainer.max_steps=abc must be an integer"),
@@ -74,6 +74,27 @@ def test_errors_come_before_torch_is_imported_and_say_one_paragraph(tmp_path: Pa
     assert "model.dim=x must be an integer" in line and "Traceback" not in p.stderr
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    # a misspelt key without `+`: Hydra alone would only say it cannot override it
+    p = subprocess.run([str(Path(sys.executable).parent / "lra-train"), "experiment=smoke", "data.batch_szie=3"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    [line] = [l for l in p.stderr.splitlines() if l.startswith("lra-train: error:")]
+    assert "unknown config key 'data.batch_szie'" in line and "Did you mean data.batch_size?" in line
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["sede=1"], "Did you mean seed?"), (["model.dimm=2"], "Did you mean model.dim?"),
+    (["trainer.max_step=3"], "Did you mean trainer.max_steps?"), (["data.batch_szie=3"], "data.batch_size?")])
+def test_misspelt_command_line_keys_are_named_before_hydra_composes(args: list[str], phrase: str):
+    with pytest.raises(ConfigError, match=phrase.replace("?", r"\?")):
+        check_overrides(args)
+
+
+def test_valid_command_line_overrides_pass_the_early_check():
+    check_overrides(["-m", "seed=1,2", "trainer=ddp", "logger=[csv,wandb]", "model.dim=3", "+trainer.x=1",
+                     "hydra/launcher=slurm", "experiment=smoke", "data.batch_size=2", "attention.foo=1",
+                     "task.reader.x=1", "callbacks.lr_monitor=null", "hydra.run.dir=x", "~callbacks.lr_monitor",
+                     "trainer.max_steps=abc", "precision=bf16-mixed", "runs_root=r"])
 
 
 def test_logger_and_callback_groups_build_what_they_name(tmp_path: Path):

@@ -266,3 +266,42 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("run_id") is not None:
         raise ConfigError(f"run_id={cfg.run_id} is set by lra-train from the config (task, backend, seed and a "
                           "hash of the settings); leave it out. To keep runs apart, change runs_root.")
+
+
+def _section_keys(section: str) -> list[str] | None:
+    """The keys `section.<key>=` may set, from the sources above; None when any key may be valid."""
+    if section == "trainer":
+        return [p for p in trainer_parameters() if p not in DRIVER_TRAINER_ARGS]
+    refs = [_train_yaml().data] if section == "data" else \
+        [OmegaConf.load(p) for p in sorted((CONF_DIR / "model").glob("*.yaml"))]
+    keys: set[str] = set()
+    for ref in refs:
+        params = target_parameters(str(ref.get("_target_", ""))) if "_target_" in ref else None
+        if params is None or "**" in params:
+            return None
+        keys |= {p for p in params if p not in SUPPLIED.get(section, ())}
+    return sorted(keys)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """ConfigError for a command-line `key=value` whose key is misspelt (Hydra would say only that it cannot
+    override it, and suggest appending it with `+`): plain top-level keys and `data.`/`model.`/`trainer.`
+    keys are checked against what reads them. Prefixed (`+`, `~`, `++`), `hydra.` and group keys pass."""
+    ref = _train_yaml()
+    groups = {next(iter(d)) if isinstance(d, dict) else str(d) for d in OmegaConf.to_container(ref.defaults)}
+    top = {str(k) for k in ref.keys() if k != "defaults"} | {"model", "trainer", *OPEN_GROUPS, *BUILT_GROUPS} \
+        | {g.split("@")[0] for g in groups if not g.startswith(("override ", "_self_"))}
+    for arg in overrides:
+        key, eq, _ = arg.partition("=")
+        if not eq or arg.startswith(("-", "+", "~")) or "/" in key or "@" in key:
+            continue
+        head, _, rest = key.partition(".")
+        if not rest:
+            if key not in top:
+                _unknown(key, sorted(top - {"hydra"}), "the top level")
+        elif head in ("data", "model", "trainer") and "." not in rest:
+            known = _section_keys(head)
+            if head == "trainer" and rest in DRIVER_TRAINER_ARGS:
+                continue  # validate() says what to use instead
+            if known is not None and rest not in known:
+                _unknown(key, known, {"data": "data", "model": "model", "trainer": "lightning.Trainer"}[head])
