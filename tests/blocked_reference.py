@@ -45,3 +45,33 @@ def assert_matches_dense(backend, allowed, length, lengths=None, seed=0):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     return out
+
+
+def largest_tensors(backend, length, lengths=None):
+    """Shapes of every op output (forward and backward) of backend on a (1, H, length, DH) input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append((str(func), tuple(t.shape)))
+            return out
+
+    q, k, v = (torch.randn(1, H, length, DH, requires_grad=True) for _ in range(3))
+    mask = None if lengths is None else padding_mask(lengths, length)
+    with Shapes() as mode:
+        backend(q, k, v, mask).sum().backward()
+    return mode.shapes
+
+
+def assert_no_length_squared(backend, length, lengths=None):
+    """No op output has two dimensions as long as the sequence (nothing L x L is materialised)."""
+    shapes = largest_tensors(backend, length, lengths)
+    big = [(f, s) for f, s in shapes if sum(d >= length for d in s) >= 2]
+    assert shapes and not big, big[:3]

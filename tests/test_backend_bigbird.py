@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocked_reference import DH, H, assert_matches_dense
+from blocked_reference import DH, H, assert_matches_dense, assert_no_length_squared
 from models.attention.base import AttentionConfigError
 from models.attention.bigbird import BigBirdAttention
 
@@ -86,3 +86,8 @@ def test_mostly_padded_example_stays_finite():
 def test_bad_options_refused_at_build(opts):
     with pytest.raises(AttentionConfigError, match="bigbird"):
         BigBirdAttention(H, DH, **opts)
+
+
+@pytest.mark.parametrize("opts", [{}, {"block_size": 16, "num_random_blocks": 2}])
+def test_nothing_length_squared(opts):
+    assert_no_length_squared(BigBirdAttention(H, DH, **opts), 600, [600])

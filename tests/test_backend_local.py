@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocked_reference import B, DH, H, assert_matches_dense, padding_mask
+from blocked_reference import B, DH, H, assert_matches_dense, assert_no_length_squared, padding_mask
 from models.attention.base import AttentionConfigError
 from models.attention.local import LocalAttention
 
@@ -56,3 +56,8 @@ def test_padding_never_reaches_real_positions():
 def test_bad_options_refused_at_build(opts):
     with pytest.raises(AttentionConfigError, match="local"):
         LocalAttention(H, DH, **opts)
+
+
+@pytest.mark.parametrize("opts", [{}, {"block_size": 16, "look_back": 1, "look_ahead": 1}])
+def test_nothing_length_squared(opts):
+    assert_no_length_squared(LocalAttention(H, DH, **opts), 600, [600])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocked_reference import DH, H, assert_matches_dense
+from blocked_reference import DH, H, assert_matches_dense, assert_no_length_squared
 from models.attention.base import AttentionConfigError
 from models.attention.longformer import LongformerAttention
 
@@ -56,3 +56,8 @@ def test_padded_window_rows_are_zero_and_finite():
 def test_bad_options_refused_at_build(opts):
     with pytest.raises(AttentionConfigError, match="longformer"):
         LongformerAttention(H, DH, **opts)
+
+
+@pytest.mark.parametrize("opts", [{"window": 128, "num_global": 2}, {"window": 33}])
+def test_nothing_length_squared(opts):
+    assert_no_length_squared(LongformerAttention(H, DH, **opts), 600, [600])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocked_reference import DH, H, assert_matches_dense, dense_masked_attention
+from blocked_reference import DH, H, assert_matches_dense, assert_no_length_squared, dense_masked_attention
 from models.attention.base import AttentionConfigError
 from models.attention.sparse import SparseAttention
 
@@ -66,3 +66,8 @@ def test_all_padding_rows_are_zero_and_finite():
 def test_bad_options_refused_at_build(opts):
     with pytest.raises(AttentionConfigError, match="sparse"):
         SparseAttention(H, DH, **opts)
+
+
+@pytest.mark.parametrize("opts", [{}, {"block_size": 25, "summary": 2, "causal": True}])
+def test_nothing_length_squared(opts):
+    assert_no_length_squared(SparseAttention(H, DH, **opts), 600, [600])
