@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lra.config import CONF_DIR, compose, task_names
 from lra.train import run
+from lra.training.run import build_net
 from models.attention import ATTENTION_BACKENDS
-from models.classifier import build_model
 
 BACKENDS = sorted(ATTENTION_BACKENDS)
 TASKS = task_names()
@@ -36,10 +35,7 @@ def test_every_task_and_backend_composes_and_builds(task: str, attention: str):
     cfg = compose([f"task={task}", f"attention={attention}", "model.depth=1"])
     reader = instantiate(cfg.task.reader)
     assert reader.num_classes == cfg.task.num_classes
-    net = build_model(head=cfg.task.head, vocab_size=reader.vocab_size, num_classes=reader.num_classes,
-                      max_len=cfg.model.max_len, attention=OmegaConf.to_container(cfg.attention, resolve=True),
-                      dim=cfg.model.dim, depth=1, heads=cfg.model.heads, head_dim=cfg.model.head_dim,
-                      ffn_dim=cfg.model.ffn_dim, pooling=cfg.model.pooling)
+    net = build_net(cfg, reader.vocab_size, reader.num_classes)  # the driver's own builder
     assert sum(p.numel() for p in net.parameters()) > 0
 
 

@@ -90,10 +90,9 @@ def layer_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
 def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
     """The task's classifier (conf/task/<task>.yaml sizes, conf/model defaults) with AdamW."""
     from hydra.utils import get_class, instantiate
-    from omegaconf import OmegaConf
 
     from lra.config import compose
-    from models.classifier import build_model
+    from lra.training.run import build_net
 
     overrides = [f"task={spec['task']}", f"attention={impl['backend']}"]
     if spec.get("model_length"):  # a smaller model for quick checks; the protocol size otherwise
@@ -102,11 +101,9 @@ def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
     cfg = compose(overrides)
     vocab_size = get_class(cfg.task.reader._target_).vocab_size  # a class attribute: no data is read
     num_classes = int(cfg.task.num_classes)
-    m, n = cfg.model, int(cfg.task.max_len)
+    n = int(cfg.task.max_len)
     batch = int(spec.get("model_batch") or cfg.data.batch_size)
-    net = build_model(head=cfg.task.head, vocab_size=vocab_size, num_classes=num_classes, max_len=n,
-                      attention=OmegaConf.to_container(cfg.attention, resolve=True), dim=m.dim, depth=m.depth,
-                      heads=m.heads, head_dim=m.head_dim, ffn_dim=m.ffn_dim, dropout=m.dropout, pooling=m.pooling)
+    net = build_net(cfg, vocab_size, num_classes)  # every model argument from the config, as lra-train builds it
     net = net.to(device=device, dtype=DTYPES[spec["dtype"]]).train()
     opt = instantiate(cfg.optimizer)(net.parameters())
     g = torch.Generator().manual_seed(0)

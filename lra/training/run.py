@@ -112,6 +112,15 @@ def check_data(cfg: DictConfig) -> Path:
     return folder
 
 
+def build_net(cfg: DictConfig, vocab_size: int, num_classes: int):
+    """The network: `cfg.model` (a `_partial_` of its `_target_`, every model argument in the config) called
+    with what the task and the attention group supply."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.model)(head=cfg.task.head, vocab_size=vocab_size, num_classes=num_classes,
+                                  attention=OmegaConf.to_container(cfg.attention, resolve=True))
+
+
 def build(cfg: DictConfig, folder: Path | None = None):
     """(datamodule, LightningModule), each instantiated from its config; the task supplies the reader and
     the sizes the model needs. `folder`: the cache if check_data found it (else the datamodule finds it).
@@ -126,8 +135,7 @@ def build(cfg: DictConfig, folder: Path | None = None):
         raise ConfigError(f"model.max_len={cfg.model.max_len} is shorter than the task's sequences "
                           f"({reader.max_len}); set model.max_len >= task.max_len.")
     _seed_everything(cfg.seed)  # the initial weights
-    net = instantiate(cfg.model)(head=cfg.task.head, vocab_size=reader.vocab_size, num_classes=reader.num_classes,
-                                 attention=OmegaConf.to_container(cfg.attention, resolve=True))
+    net = build_net(cfg, reader.vocab_size, reader.num_classes)
 
     from lra.training.module import LRAModule
 
