@@ -38,7 +38,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lra.data.cache import DataError
 
     errs = [DataError, ConfigError, InstantiationException]
-    for module, name in (("models.attention", "AttentionConfigError"), ("lra.training.module", "NonFiniteLossError")):
+    for module, name in (("models.attention", "AttentionConfigError"), ("lra.training.module", "NonFiniteLossError"),
+                         ("lra.training.records", "RecordError")):
         if module in sys.modules:
             errs.append(getattr(sys.modules[module], name))
     return tuple(errs)
