@@ -13,7 +13,8 @@ from leaderboard_records import acc_table, md_tables, record, write_record
 
 from lra import leaderboard
 from lra.config import CONF_DIR, compose
-from lra.training.fingerprint import fingerprint_of, preset_settings
+from lra.leaderboard.load import variant_label
+from lra.training.fingerprint import UNSET, fingerprint_of, preset_settings
 from lra.training.records import RecordError, RunRecord, load_record, make_record, record_path
 
 BACKENDS = sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml"))
@@ -90,6 +91,15 @@ def test_fingerprints_split_cells_and_rows_name_what_differs(tmp_path):
     assert table[f"{b} [optimizer.lr=0.01]"]["Image"] == "50.00 (n=1)"
     assert table[b]["Image"] == "52.00 (n=1)"  # exactly the defaults: no bracket
     assert len(table) == 3
+
+
+def test_row_labels_name_values_and_missing_keys_and_stay_distinct_when_cut():
+    assert variant_label("b", ()) == "b"
+    assert variant_label("b", (("a.k", "relu"), ("a.new", UNSET))) == "b [a.k=relu, lacks a.new]"
+    long1 = tuple((f"k{i}", str(i)) for i in range(6))
+    long2 = long1[:-1] + (("k5", "other"),)
+    assert variant_label("b", long1).startswith("b [k0=0, k1=1, k2=2, +3 more, #")
+    assert variant_label("b", long1) != variant_label("b", long2)
 
 
 def test_backend_options_split_rows_within_a_protocol(tmp_path):

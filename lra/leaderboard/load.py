@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from lra.training.fingerprint import default_settings, differences, fingerprint_of, preset_settings
+from lra.training.fingerprint import UNSET, default_settings, differences, fingerprint_of, preset_settings
 from lra.training.records import RecordError, RunRecord
 
 _TASK_ALIASES = {"path-x": "pathx", "path_x": "pathx"}
@@ -63,14 +63,20 @@ class Entry:
 
 
 def variant_label(backend: str, variant: Sequence[tuple[str, str]]) -> str:
-    """`performer [attention.kernel=relu]`; long differences are cut, with a stable hash of the whole."""
+    """`performer [attention.kernel=relu]`, `linformer [lacks attention.sharing]` (a key the record has no
+    value for, e.g. an option added after it was written); long lists are cut, with a stable hash of the whole."""
     if not variant:
         return backend
-    shown = [f"{k}={v}" for k, v in variant[:MAX_LABEL_KEYS]]
-    if len(variant) > MAX_LABEL_KEYS:
-        shown = shown[:MAX_LABEL_KEYS - 1]
-        shown.append(f"+{len(variant) - len(shown)} more, #{fingerprint_of(dict(variant))[:6]}")
-    return f"{backend} [{', '.join(shown)}]"
+    names = [f"{k}={v}" for k, v in variant if v != UNSET] + [k for k, v in variant if v == UNSET]
+    n_set = sum(v != UNSET for _, v in variant)
+    cut = len(names) > MAX_LABEL_KEYS
+    shown = names[:MAX_LABEL_KEYS - 1] if cut else names
+    parts = shown[:n_set]
+    if len(shown) > n_set:
+        parts.append("lacks " + ", ".join(shown[n_set:]))
+    if cut:
+        parts.append(f"+{len(names) - len(shown)} more, #{fingerprint_of(dict(variant))[:6]}")
+    return f"{backend} [{', '.join(parts)}]"
 
 
 def classify(record: RunRecord) -> tuple[str, tuple[tuple[str, str], ...]]:

@@ -71,8 +71,9 @@ def _section_intro(board: Leaderboard, section: str) -> str:
                 "`task=<task> attention=<backend>` defaults. Not compared with any paper.")
     if suffix.startswith("modified"):
         return (f"Runs that asked for protocol `{md(base)}` but whose settings differ from its preset; the row "
-                "label names each differing setting and our value (`(unset)`: the record lacks the key). They are "
-                "not that protocol's results and are never compared with a paper.")
+                "label names each differing setting and our value, and `lacks` the keys the record has no value for "
+                "(e.g. an option added after it was written). They are not that protocol's results and are never "
+                "compared with a paper.")
     if suffix.startswith("unverified"):
         return (f"Runs that claim protocol `{md(base)}`, for which no preset composes here (no "
                 f"`experiment={md(base)}/<task>` for this task and backend), so the claim cannot be checked. Labels "
