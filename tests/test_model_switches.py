@@ -123,18 +123,21 @@ def test_layerwise_linformer_is_the_authors_formula():
 
 
 # ---- Performer: what the authors' runs computed ----------------------------------------------------
-def authors_performer(q, k, v, w, mask):
-    """performer_pytorch's softmax kernel on their inputs (q / Dh^¼, (k / Dh^¼) * mask, v * mask), which
-    scales the data by Dh^-¼ once more; its 1e-4 feature epsilon left out (see docs/DEPARTURES.md)."""
+def authors_performer(q, k, v, w, mask, eps=0.0):
+    """performer-pytorch 1.1.4's softmax kernel on their inputs (q / Dh^¼, (k / Dh^¼) * mask, v * mask),
+    which scales the data by Dh^-¼ once more; stabilised by the query's row maximum and by one maximum per
+    example and head for keys, then + eps."""
     d = q.shape[-1]
     m = mask[:, None, :, None].to(q.dtype)
     q, k, v = q * d**-0.25, k * d**-0.25 * m, v * m
     dn = d**-0.25
 
-    def phi(x):
-        return torch.exp((dn * x) @ w.T - (x.square().sum(-1, keepdim=True) * dn**2) / 2)
+    def phi(x, is_query):
+        z = (dn * x) @ w.T
+        stab = z.amax(-1, keepdim=True) if is_query else z.amax((-1, -2), keepdim=True)
+        return torch.exp(z - (x.square().sum(-1, keepdim=True) * dn**2) / 2 - stab) + eps
 
-    qf, kf = phi(q), phi(k)
+    qf, kf = phi(q, True), phi(k, False)
     return (qf @ (kf.transpose(-1, -2) @ v)) / (qf @ kf.sum(-2)[..., None])
 
 
@@ -144,6 +147,16 @@ def test_performer_authors_switches_reproduce_their_computation():
     mask = prefix_mask([L, 9, 2])
     theirs = performer_attention(q, k, v, w, "softmax", mask, logit_scale="1/Dh", pad_in_normaliser=True)
     torch.testing.assert_close(theirs, authors_performer(q, k, v, w, mask))
+    with_eps = performer_attention(q, k, v, w, "softmax", mask, logit_scale="1/Dh", pad_in_normaliser=True,
+                                   feature_eps=1e-4)
+    torch.testing.assert_close(with_eps, authors_performer(q, k, v, w, mask, eps=1e-4))
+    assert not torch.allclose(with_eps, theirs)
+    # the ε path with our padding fix is still padding-invariant
+    eps_fixed = performer_attention(q, k, v, w, "softmax", mask, logit_scale="1/Dh", feature_eps=1e-4)
+    qq, kk, vv = (torch.cat([x, torch.randn(B, H, 5, DH, dtype=torch.float64)], 2) for x in (q, k, v))
+    mm = torch.cat([mask, torch.zeros(B, 5, dtype=torch.bool)], 1)
+    torch.testing.assert_close(performer_attention(qq, kk, vv, w, "softmax", mm, logit_scale="1/Dh",
+                                                   feature_eps=1e-4)[:, :, :L], eps_fixed)
     # our fix: padding never changes outputs at real positions; theirs does
     pad = torch.randn(B, H, 6, DH, dtype=torch.float64)
     qq, kk, vv = (torch.cat([x, pad], 2) for x in (q, k, v))
@@ -270,3 +283,27 @@ def test_one_cycle_is_pytorchs_with_momentum_cycling():
         else:
             want_lr, want_b = peak + (end - peak) * (s - 9) / 40, 0.85 + 0.10 * (s - 9) / 40
         assert lr == pytest.approx(want_lr, rel=1e-9, abs=1e-15) and beta1 == pytest.approx(want_b), s
+
+
+def test_performer_preset_settings_equal_the_library_the_authors_called():
+    """Their PerformerAttention: performer_pytorch.FastAttention(kernel_fn=ReLU) called on (Q / Dh^¼,
+    K / Dh^¼ * mask, V * mask); without generalized_attention=True the ReLU is ignored (softmax features)."""
+    pp = pytest.importorskip("performer_pytorch")  # installed by `make test` (make install-bench)
+    q, k, v = qkv(7)
+    mask = prefix_mask([L, 11, 3])
+    lib = pp.FastAttention(dim_heads=DH, nb_features=16, causal=False, kernel_fn=nn.ReLU()).double()
+    m = mask[:, None, :, None].double()
+    theirs = lib(q / DH**0.25, k / DH**0.25 * m, v * m)
+    ours = performer_attention(q, k, v, lib.projection_matrix, "softmax", mask, logit_scale="1/Dh",
+                               pad_in_normaliser=True, feature_eps=1e-4)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("warmup,total", [(1000, 1), (5, 2), (0, 10), (10, 10), (20, 10)])
+def test_one_cycle_survives_degenerate_runs(warmup: int, total: int):
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = one_cycle(opt, warmup_steps=warmup, total_steps=total)
+    for _ in range(total):
+        opt.step()
+        sched.step()
+        assert math.isfinite(opt.param_groups[0]["lr"])

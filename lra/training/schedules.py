@@ -50,9 +50,12 @@ def one_cycle(optimizer: Optimizer, warmup_steps: int, total_steps: int, anneal_
     """PyTorch's own `OneCycleLR`, as the Nyströmformer authors' LRA code ran it: peak = the optimizer's
     lr, pct_start = warmup_steps / total_steps, start at peak / div_factor, end at
     start / final_div_factor. With `cycle_momentum` (PyTorch's default, and theirs) it also cycles
-    AdamW's beta1 0.95 -> 0.85 at the peak -> 0.95, overriding the optimizer's betas[0]."""
-    total = max(1, int(total_steps))
+    AdamW's beta1 0.95 -> 0.85 at the peak -> 0.95, overriding the optimizer's betas[0].
+    OneCycleLR divides by the length of each phase, so pct_start is kept where both phases last at least
+    one step: only degenerate runs (warm-up >= steps, or fewer than 2 steps, e.g. a smoke test) differ."""
+    total = max(2, int(total_steps))
+    pct = min(max(max(0, int(warmup_steps)) / total, 1.5 / total), (total - 0.5) / total)
     peak = [group["lr"] for group in optimizer.param_groups]
-    return OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=min(1.0, max(0, int(warmup_steps)) / total),
+    return OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=pct,
                       anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum, div_factor=div_factor,
                       final_div_factor=final_div_factor)

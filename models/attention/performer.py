@@ -9,7 +9,10 @@ Cost is linear in L; nothing is L x L.
 What the Nyströmformer authors' LRA runs computed (shared/LRA_FACTS.md §5): softmax features (their
 "relu" setting was ignored by the library), logits scaled by 1/Dh instead of 1/√Dh (`logit_scale="1/Dh"`:
 q and k are divided by Dh^¼ once more), and padded keys zeroed but kept in the normaliser
-(`pad_in_normaliser=True`, a defect: a padded key adds φ(0) to every query's denominator).
+(`pad_in_normaliser=True`, a defect: a padded key adds φ(0) to every query's denominator). Their library
+also added ε = 1e-4 to every softmax feature after its own stabilisers (`feature_eps`, computed as
+performer-pytorch 1.1.4 does: queries stabilised by their row maximum, keys by one maximum per example
+and head; the ε makes those choices matter, so they are reproduced).
 """
 from __future__ import annotations
 
@@ -95,6 +98,25 @@ class _FavorSoftmax(torch.autograd.Function):
         return g_q, g_k, g_v, None, None
 
 
+def _favor_softmax_eps(q2: torch.Tensor, k2: torch.Tensor, v3: torch.Tensor, w: torch.Tensor, eps: float,
+                       pad_rows: torch.Tensor | None) -> torch.Tensor:
+    """Softmax-kernel FAVOR with ε added to every feature (plain autograd). q2, k2: (N*L, Dh); v3: (N, L, Dh);
+    w: (m, Dh) scaled by Dh^-¼. Padded keys (pad_rows True) get zero features."""
+    N, L, D = v3.shape
+    half = 0.5 * D**-0.5  # |x|²/2 of x / Dh^¼
+    zq = q2 @ w.T  # (N*L, m)
+    qf = torch.exp(zq - q2.square().sum(-1, keepdim=True) * half - zq.amax(-1, keepdim=True).detach()) + eps
+    zk = (k2 @ w.T).view(N, L, -1)  # (N, L, m)
+    stab = zk if pad_rows is None else zk.masked_fill(pad_rows.view(N, L, 1), float("-inf"))
+    kf = torch.exp(zk - (k2.square().sum(-1, keepdim=True) * half).view(N, L, 1)
+                   - stab.amax((-1, -2), keepdim=True).detach()) + eps  # (N, L, m)
+    if pad_rows is not None:
+        kf = kf.masked_fill(pad_rows.view(N, L, 1), 0.0)
+    qf = qf.view(N, L, -1)  # (N, L, m)
+    den = torch.bmm(qf, kf.sum(1)[..., None])  # (N, L, 1)
+    return torch.bmm(qf, torch.bmm(kf.transpose(1, 2), v3)) / den  # (N, L, Dh)
+
+
 def performer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,10 +126,12 @@ def performer_attention(
     key_padding_mask: torch.Tensor | None = None,
     logit_scale: str = "1/sqrt(Dh)",
     pad_in_normaliser: bool = False,
+    feature_eps: float = 0.0,
 ) -> torch.Tensor:
     """FAVOR+ attention. q, k, v: (B, H, L, Dh); projection: (m, Dh); mask (B, L) bool, True = real.
     Returns (B, H, L, Dh) in q's dtype; features and sums run in at least fp32 with autocast off.
-    logit_scale "1/Dh" and pad_in_normaliser=True give the authors' computation (module docstring)."""
+    logit_scale "1/Dh", pad_in_normaliser=True and feature_eps=1e-4 give the authors' computation
+    (module docstring)."""
     if kernel not in KERNELS:
         raise AttentionConfigError(f"performer: kernel must be one of {KERNELS}, got '{kernel}'")
     if logit_scale not in LOGIT_SCALES:
@@ -126,7 +150,9 @@ def performer_attention(
         w = projection.to(acc) * D**-0.25  # (m, Dh): folds the q / Dh^¼ scaling into the projection
         q2, k2 = q.to(acc).reshape(B * H * L, D), k.to(acc).reshape(B * H * L, D)  # (B*H*L, Dh)
         v3 = v.to(acc).reshape(B * H, L, D)  # (B*H, L, Dh)
-        if kernel == "softmax":
+        if kernel == "softmax" and feature_eps:
+            out = _favor_softmax_eps(q2, k2, v3, w, feature_eps, pad_rows)  # (B*H, L, Dh)
+        elif kernel == "softmax":
             out = _FavorSoftmax.apply(q2, k2, v3, w, pad_rows)  # (B*H, L, Dh)
         else:
             qf = (torch.relu(q2 @ w.T) + RELU_EPS).view(B * H, L, -1)  # (B*H, L, m)
@@ -146,8 +172,9 @@ class PerformerAttention(AttentionBackend):
     Options: num_features (m), kernel ('softmax' | 'relu'), redraw (new features at every training
     forward, from torch's global RNG), feature_seed (draw the initial features from a private
     generator with this seed; None = torch's global RNG, which the run seeds), logit_scale
-    ('1/sqrt(Dh)' | '1/Dh'), pad_in_normaliser (the authors' defect). The features live in the
-    `projection` buffer, so a checkpoint restores them.
+    ('1/sqrt(Dh)' | '1/Dh'), pad_in_normaliser (the authors' defect), feature_eps (added to every softmax
+    feature; the authors' library: 1e-4). The features live in the `projection` buffer, so a checkpoint
+    restores them.
     """
 
     name = "performer"
@@ -164,13 +191,17 @@ class PerformerAttention(AttentionBackend):
         feature_seed: int | None = None,
         logit_scale: str = "1/sqrt(Dh)",
         pad_in_normaliser: bool = False,
+        feature_eps: float = 0.0,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
         if kernel not in KERNELS:
             raise AttentionConfigError(f"performer: kernel must be one of {KERNELS}, got '{kernel}'")
         if logit_scale not in LOGIT_SCALES:
             raise AttentionConfigError(f"performer: logit_scale must be one of {LOGIT_SCALES}, got '{logit_scale}'")
-        self.logit_scale, self.pad_in_normaliser = logit_scale, bool(pad_in_normaliser)
+        if feature_eps < 0 or (feature_eps and kernel != "softmax"):
+            raise AttentionConfigError(f"performer: feature_eps must be >= 0 and applies to the softmax kernel only "
+                                       f"(the relu kernel has its own ε), got {feature_eps} with kernel '{kernel}'")
+        self.logit_scale, self.pad_in_normaliser, self.feature_eps = logit_scale, bool(pad_in_normaliser), feature_eps
         if num_features < 1:
             raise AttentionConfigError(f"performer: num_features must be >= 1, got {num_features}")
         self.num_features, self.kernel, self.redraw = num_features, kernel, redraw
@@ -193,8 +224,8 @@ class PerformerAttention(AttentionBackend):
         if self.redraw and self.training:
             self.redraw_features()
         return performer_attention(q, k, v, self.projection, self.kernel, key_padding_mask, self.logit_scale,
-                                   self.pad_in_normaliser)
+                                   self.pad_in_normaliser, self.feature_eps)
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, kernel={self.kernel}, redraw={self.redraw}, "
-                f"logit_scale={self.logit_scale}, pad_in_normaliser={self.pad_in_normaliser}")
+                f"logit_scale={self.logit_scale}, pad_in_normaliser={self.pad_in_normaliser}, feature_eps={self.feature_eps}")
