@@ -179,3 +179,20 @@ def test_every_departure_marked_in_the_presets_is_in_the_table():
     assert marked, "the presets mark their departures as `departure (a fix): ... (key=value)`"
     for switch in marked:
         assert switch in listed or f"attention.{switch}" in listed or f"model.{switch}" in listed, switch
+
+
+def test_departure_measurement_plan_covers_every_switch(tmp_path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("measure_departures", ROOT / "scripts" / "measure_departures.py")
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    rows = md.switch_rows(ROOT / "docs" / "DEPARTURES.md")
+    switches = {s for _, s, _ in rows}
+    assert switches == {r["Switch for theirs"].strip("`") for r in departures() if _switch(r["Switch for theirs"])}
+    plan = md.arms(rows, ["nystrom"])
+    for backend in {b for b, _ in plan}:
+        mine = [s for b, s in plan if b == backend]
+        assert mine[0] is None and len(mine) == len(set(mine))  # the preset first, each switch once
+    assert switches == {s for _, s in plan if s is not None}
+    assert "| nystrom | preset (ours) | — | — | — |" in md.summary(tmp_path, rows, ["nystrom"])
