@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from lra.config import CONF_DIR, compose
+from lra.training.fingerprint import fingerprint_of, fingerprint_settings, preset_config
 from lra.training.records import config_hash
 from models.classifier import build_model
 
@@ -114,8 +115,12 @@ def test_make_reproduce_only_loops_and_its_runs_are_the_presets(target: str, pro
         assert exp.startswith(f"experiment={protocol}/")
         att = next(a for a in args if a.startswith("attention="))
         seed = next(a for a in args if a.startswith("seed="))
-        # the run's fingerprint (config hash, hence run id) is the preset's own
+        # the run's fingerprint is the preset's own (and so is its config hash, hence its run id)
         assert config_hash(compose(args)) == config_hash(compose([exp, att, seed]))
+        config = OmegaConf.to_container(compose(args), resolve=True)
+        task, backend = exp.split("/", 1)[1], att.split("=", 1)[1]
+        assert fingerprint_of(fingerprint_settings(config, backend)) == \
+            fingerprint_of(fingerprint_settings(preset_config(protocol, task, backend), backend))
 
 
 def test_sweep_gives_each_backend_its_protocol_options(tmp_path: Path, listops_dir: Path):
@@ -136,6 +141,8 @@ def test_sweep_gives_each_backend_its_protocol_options(tmp_path: Path, listops_d
         assert rec["status"] == "finished" and rec["protocol"] == "nystromformer"
         preset = _raw(CONF_DIR / "protocol_attention" / "nystromformer" / f"{backend}.yaml")["attention"]
         assert {k: rec["config"]["attention"][k] for k in preset} == preset
+        if "segments" in preset:  # Nyström: the record says how many landmarks held real tokens
+            assert 0 < rec["attention_stats"]["nonempty_landmarks"] <= preset["num_landmarks"]
 
 
 # ---- docs/DEPARTURES.md ---------------------------------------------------------------------------
