@@ -127,7 +127,7 @@ def _like_for_like(row: PublishedRow, ours: dict) -> str:
     differ = like_for_like(row, ours)
     if not differ:
         return "the same as the paper ran" if row.ran_options else "see the options"
-    return "NOT what the paper ran, in " + "; ".join(f"{k} (ours {md(a)}, theirs {b})" for k, (a, b) in differ.items())
+    return "differs from what the paper ran in " + "; ".join(f"{k} (ours {md(a)}, theirs {b})" for k, (a, b) in differ.items())
 
 
 def _comparison_section(board: Leaderboard, section: str, source: PublishedSource) -> list[str]:
