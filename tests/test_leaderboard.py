@@ -125,7 +125,7 @@ def test_every_published_row_is_shown_and_compared_when_run(tmp_path):
     """Iterates over the published tables: every row is printed as the paper printed it, and every row whose
     backend conf/ defines is compared (ours − published) when its preset runs exist."""
     runs = tmp_path / "runs"
-    ours = dict(zip(AVG_TASKS, (30.0, 60.0, 70.0, 40.0, 65.0)))
+    ours = {"listops": 30.0, "text": 60.0}  # two tasks keep it fast; the full average is tested above
     runnable = [(s, r) for s in SOURCES for r in s.rows if r.backend in BACKENDS]
     for source, row in runnable:
         for task, acc in ours.items():
@@ -148,7 +148,8 @@ def test_every_published_row_is_shown_and_compared_when_run(tmp_path):
         paper = compared(text, source.protocol)[(row.backend, source.title)]
         for task, acc in ours.items():
             assert paper[COLUMNS[task]] == f"{row.acc[task]:.2f} ({acc - row.acc[task]:+.2f})"
-        assert paper["Avg"] == f"{row.avg:.2f} ({statistics.mean(ours.values()) - row.avg:+.2f})"
+        same = statistics.mean(row.acc[t] for t in ours)  # the paper re-averaged over the same tasks
+        assert paper["Avg"] == f"{same:.2f}* ({statistics.mean(ours.values()) - same:+.2f})"
         if row.ran:  # the table says what the paper ran, which options we ran, and whether they are the same
             [note] = [line for line in text.splitlines()
                       if line.startswith(f"- {row.backend}: the paper's {row.paper_name} ran {row.ran}; ours ran ")]
