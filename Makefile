@@ -14,7 +14,7 @@ DEMO_DATA ?= data/listops-demo
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data check-learning data-check-learning test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
+.PHONY: help install backends tasks demo demo-data check-learning data-check-learning test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
@@ -27,6 +27,12 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP) ## Create .venv and install lra (CPU torch first; override TORCH=... for CUDA)
+
+backends: $(STAMP) ## List the attention backends conf/ defines (plus LRA_CONFIG_PATH folders)
+	@$(BIN)/python -m lra.config backends
+
+tasks: $(STAMP) ## List the tasks conf/ defines (plus LRA_CONFIG_PATH folders)
+	@$(BIN)/python -m lra.config tasks
 
 demo-data: $(STAMP) ## Generate the small ListOps set the demo trains on (data/listops-demo)
 	@test -f $(DEMO_DATA)/basic_test.tsv || $(BIN)/lra-data generate listops --out $(DEMO_DATA) \
@@ -75,7 +81,8 @@ clean: ## Remove generated data, run folders (checkpoints, logs) and run records
 # ---- published tables ------------------------------------------------------------------------------
 # `make -n reproduce-nystromformer` prints the exact commands. Data: data/<task> (raw or prepared; see
 # README "Getting the data"); each target checks it first and says how to get what is missing.
-BACKENDS ?= softmax nystrom linformer performer
+# Every backend conf/ (and LRA_CONFIG_PATH) defines, asked once: `python -m lra.config backends`.
+BACKENDS ?= $(eval BACKENDS := $(shell $(BIN)/python -m lra.config backends 2>/dev/null || echo DISCOVERY-FAILED-run-make-install))$(BACKENDS)
 SEEDS ?= 0
 TRAIN_ARGS ?=
 LRA_TASKS := listops text retrieval image pathfinder

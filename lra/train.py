@@ -47,11 +47,11 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def mixed_precision_policy(cfg: DictConfig) -> str:
     """What runs in which dtype: the backend's own fp32 islands under autocast, or plain fp32."""
-    from models.attention import ATTENTION_BACKENDS
+    from models.attention import backend_class, capability
 
     if cfg.precision == "32-true":
         return "fp32 throughout"
-    own = getattr(ATTENTION_BACKENDS.get(cfg.attention.name), "mixed_precision", None)
+    own = capability(backend_class(cfg.attention._target_, cfg.attention.name), "mixed_precision")
     dtype = "bf16" if cfg.precision.startswith("bf16") else "fp16"
     return f"autocast {dtype}; attention: " + (own or "runs in the autocast dtype (no fp32 island)")
 

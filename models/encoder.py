@@ -26,7 +26,7 @@ class EncoderConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: EncoderConfig, attention: str, attention_kwargs: dict) -> None:
+    def __init__(self, cfg: EncoderConfig, attention: dict, attention_kwargs: dict) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
         self.attn = MultiHeadAttention(cfg.dim, cfg.heads, attention, head_dim=cfg.head_dim,
@@ -50,7 +50,7 @@ class Encoder(nn.Module):
     no global state, two models never share.
     """
 
-    def __init__(self, cfg: EncoderConfig, attention: str, **attention_kwargs) -> None:
+    def __init__(self, cfg: EncoderConfig, attention: dict, **attention_kwargs) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -67,7 +67,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attention, attention_kwargs) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         first = self.blocks[0].attn.attn
-        first.check_length(cfg.max_len + int(cfg.cls))
+        self.blocks[0].attn.check_length(cfg.max_len + int(cfg.cls))
         for block in self.blocks[1:]:
             tie = getattr(block.attn.attn, "tie_to", None)
             if tie is not None:

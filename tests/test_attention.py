@@ -1,7 +1,9 @@
-"""Contract tests for every registered attention backend, plus backend-specific checks against plain
+"""Contract tests for every discovered attention backend (the checks of lra.testing.contract, which a
+user runs on theirs with lra-check-attention), plus backend-specific checks against plain
 implementations of each paper's formula. Tiny sizes: the file runs in seconds on 2 CPU cores."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -9,15 +11,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from models.attention import ATTENTION_BACKENDS, AttentionConfigError, build_attention
+from lra.config import attention_spec, backend_names
+from lra.testing.contract import B, CHECKS, DH, H, L, LENGTHS, MAX_LEN, make_qkv, padding_mask
+from models.attention import AttentionConfigError, build_attention
 from models.attention.linformer import LinformerAttention
 from models.attention.nystrom import depthwise_seq_conv, nystrom_attention
 from models.attention.performer import RELU_EPS, performer_attention
 from models.multihead import MultiHeadAttention
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "attention"
-B, H, L, DH, MAX_LEN = 3, 2, 22, 8, 32
-LENGTHS = [22, 15, 9]  # real tokens per example; the rest is padding
 
 # Every backend with its defaults, plus small-option variants that exercise other code paths.
 EXTRA = {
@@ -25,102 +27,32 @@ EXTRA = {
     "performer": [{"kernel": "relu", "num_features": 16}],
     "linformer": [{"proj_dim": 6}],
 }
-CASES = [(name, {}) for name in ATTENTION_BACKENDS] + [
-    (name, opts) for name, variants in EXTRA.items() if name in ATTENTION_BACKENDS for opts in variants
+BACKENDS = backend_names()
+CASES = [(name, {}) for name in BACKENDS] + [
+    (name, opts) for name, variants in EXTRA.items() if name in BACKENDS for opts in variants
 ]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in CASES]
 
 
+@functools.lru_cache(maxsize=None)
+def _spec(name: str) -> tuple:
+    return tuple(attention_spec(name).items())
+
+
+def spec(name: str, **opts) -> dict:
+    """Backend `name` as its yaml defines it (the `_target_`, its options), with `opts` on top."""
+    return dict(_spec(name)) | opts
+
+
 def make_backend(name: str, opts: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    return build_attention(name, num_heads=H, head_dim=DH, max_len=MAX_LEN, **opts).to(dtype).eval()
+    return build_attention(spec(name, **opts), num_heads=H, head_dim=DH, max_len=MAX_LEN).to(dtype).eval()
 
 
-def make_qkv(seed: int = 0, dtype: torch.dtype = torch.float32, length: int = L):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, length, DH, generator=g, dtype=dtype) for _ in range(3)]
-
-
-def padding_mask(lengths=LENGTHS, length: int = L) -> torch.Tensor:
-    return torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]  # (B, L) True = real
-
-
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
 @pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
-def test_output_shape_and_wrapper(name, opts):
-    torch.manual_seed(0)
-    attn = make_backend(name, opts)
-    q, k, v = make_qkv()
-    assert attn(q, k, v, padding_mask()).shape == (B, H, L, DH)
-    assert attn(q, k, v, None).shape == (B, H, L, DH)
-    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts)
-    mha.check_length(MAX_LEN)
-    assert mha(torch.randn(B, L, 16), padding_mask()).shape == (B, L, 16)
-
-
-@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
-def test_padding_invariance(name, opts):
-    torch.manual_seed(0)
-    attn = make_backend(name, opts)
-    q, k, v = make_qkv()
-    mask = padding_mask()
-    out = attn(q, k, v, mask)
-    pad = ~mask[:, None, :, None]
-    q2, k2, v2 = (t + 5.0 * torch.randn_like(t) * pad for t in (q, k, v))  # only padded tokens change
-    out2 = attn(q2, k2, v2, mask)
-    real = mask[:, None, :, None].expand_as(out)
-    assert not torch.equal(q, q2)
-    torch.testing.assert_close(out[real], out2[real], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
-def test_sample_independent_of_batch_mates(name, opts):
-    torch.manual_seed(0)
-    attn = make_backend(name, opts)
-    q, k, v = make_qkv()
-    scales = torch.tensor([30.0, 1.0, 0.1])[:, None, None, None]  # logit ranges far apart: a stabiliser shared across the batch underflows
-    q, k = q * scales, k * scales
-    mask = padding_mask()
-    full = attn(q, k, v, mask)
-    q_alt, k_alt, v_alt = (torch.cat([t[:1], 10 * t[1:]]) for t in (q, k, v))  # new batch mates
-    alt = attn(q_alt, k_alt, v_alt, mask)
-    for i in range(B):
-        alone = attn(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask[i : i + 1])
-        torch.testing.assert_close(alone[0], full[i], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(alt[0], full[0], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
-def test_seeded_determinism(name, opts):
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts)
-        outs.append(mha(torch.randn(B, L, 16), padding_mask()))
-    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
-def test_gradients_reach_every_parameter(name, opts):
-    torch.manual_seed(0)
-    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts)
-    x = torch.randn(B, L, 16, requires_grad=True)
-    mha(x, padding_mask()).square().sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-    for pname, p in mha.named_parameters():
-        assert p.grad is not None, f"{pname} got no gradient"
-        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{pname} gradient is zero or not finite"
-
-
-@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
-def test_float64(name, opts):
-    torch.manual_seed(0)
-    attn64 = make_backend(name, opts, torch.float64)
-    q, k, v = make_qkv(dtype=torch.float64)
-    out64 = attn64(q, k, v, padding_mask())
-    assert out64.dtype == torch.float64 and torch.isfinite(out64).all()
-    attn32 = make_backend(name, opts)
-    attn32.load_state_dict({key: t.float() for key, t in attn64.state_dict().items()})
-    out32 = attn32(q.float(), k.float(), v.float(), padding_mask())
-    torch.testing.assert_close(out32.double(), out64, atol=1e-4, rtol=1e-3)
+def test_contract(name, opts, check):
+    """The contract a user's backend is held to (lra-check-attention runs the same checks)."""
+    check(spec(name, **opts))
 
 
 def softmax_reference(q, k, v, mask=None):
@@ -189,13 +121,13 @@ def test_nystrom_functional_matches_paper_formula(m, iters):
 
 def test_nystrom_options_are_checked():
     with pytest.raises(AttentionConfigError, match="odd"):
-        build_attention("nystrom", num_heads=H, head_dim=DH, conv_kernel=4)
-    assert build_attention("nystrom", num_heads=H, head_dim=DH, conv_kernel=0).conv_weight is None
+        build_attention(spec("nystrom", conv_kernel=4), num_heads=H, head_dim=DH)
+    assert build_attention(spec("nystrom", conv_kernel=0), num_heads=H, head_dim=DH).conv_weight is None
 
 
 @pytest.mark.parametrize("length,kernel", [(22, 5), (64, 35), (70, 3), (5, 9)])
 def test_nystrom_conv_skip_is_per_head_depthwise_conv(length, kernel):
-    attn = build_attention("nystrom", num_heads=H, head_dim=DH, conv_kernel=kernel).double()
+    attn = build_attention(spec("nystrom", conv_kernel=kernel), num_heads=H, head_dim=DH).double()
     v = torch.randn(B, H, length, DH, dtype=torch.float64)
     ref = torch.nn.functional.conv2d(v, attn.conv_weight[:, None, :, None], padding=(kernel // 2, 0), groups=H)
     torch.testing.assert_close(depthwise_seq_conv(v, attn.conv_weight), ref)
@@ -216,7 +148,7 @@ def favor_reference(q, k, v, w, kernel, mask):
 def test_performer_matches_plain_formula(kernel):
     q, k, v = make_qkv(dtype=torch.float64)
     mask = padding_mask()
-    attn = build_attention("performer", num_heads=H, head_dim=DH, num_features=32, kernel=kernel, feature_seed=3)
+    attn = build_attention(spec("performer", num_features=32, kernel=kernel, feature_seed=3), num_heads=H, head_dim=DH)
     w = attn.projection.double()
     torch.testing.assert_close(performer_attention(q, k, v, w, kernel, mask), favor_reference(q, k, v, w, kernel, mask))
 
@@ -224,7 +156,7 @@ def test_performer_matches_plain_formula(kernel):
 def test_performer_softmax_kernel_estimates_softmax():
     q, k, v = (t * 0.5 for t in make_qkv(dtype=torch.float64))
     mask = padding_mask()
-    attn = build_attention("performer", num_heads=H, head_dim=DH, num_features=4096, feature_seed=0).double()
+    attn = build_attention(spec("performer", num_features=4096, feature_seed=0), num_heads=H, head_dim=DH).double()
     err = (attn(q, k, v, mask) - softmax_reference(q, k, v, mask)).norm() / softmax_reference(q, k, v, mask).norm()
     assert err < 0.06  # ~0.025; unsigned QR features (biased), a 1/Dh scale or padded keys give > 0.07
 
@@ -239,7 +171,7 @@ def test_performer_gradients_match_numerical(kernel):
 
 def test_performer_redraw_only_in_training():
     torch.manual_seed(0)
-    attn = build_attention("performer", num_heads=H, head_dim=DH, num_features=16, redraw=True)
+    attn = build_attention(spec("performer", num_features=16, redraw=True), num_heads=H, head_dim=DH)
     q, k, v = make_qkv()
     attn.train()
     assert not torch.allclose(attn(q, k, v), attn(q, k, v))
@@ -272,26 +204,30 @@ def test_linformer_rejects_too_long_input():
     with pytest.raises(AttentionConfigError):
         attn(q, k, v)
     with pytest.raises(AttentionConfigError, match="max_len"):
-        build_attention("linformer", num_heads=H, head_dim=DH)
+        build_attention(spec("linformer"), num_heads=H, head_dim=DH)
 
 
-def test_unknown_backend_lists_valid_names():
-    with pytest.raises(AttentionConfigError) as err:
-        build_attention("nystromm", num_heads=H, head_dim=DH)
-    for name in ATTENTION_BACKENDS:
-        assert name in str(err.value)
-    with pytest.raises(AttentionConfigError, match="bad options"):
-        build_attention("softmax", num_heads=H, head_dim=DH, landmarks=3)
+def test_bad_target_and_options_name_the_yaml_and_key():
+    with pytest.raises(AttentionConfigError, match=r"attention/typo.yaml.*cannot import module 'models.attentio.x'"):
+        build_attention({"_target_": "models.attentio.x.Y", "name": "typo"}, num_heads=H, head_dim=DH)
+    with pytest.raises(AttentionConfigError, match=r"attention/typo.yaml.*has no 'SoftmaxAttn'"):
+        build_attention({"_target_": "models.attention.softmax.SoftmaxAttn", "name": "typo"}, num_heads=H, head_dim=DH)
+    with pytest.raises(AttentionConfigError, match=r"must name a torch.nn.Module"):
+        build_attention({"_target_": "math.sqrt", "name": "typo"}, num_heads=H, head_dim=DH)
+    with pytest.raises(AttentionConfigError, match=r"attention/softmax.yaml.*option 'landmarks' is not a constructor"):
+        build_attention(spec("softmax", landmarks=3), num_heads=H, head_dim=DH)
+    with pytest.raises(AttentionConfigError, match="has no `_target_` key"):
+        build_attention({"name": "old", "num_landmarks": 3}, num_heads=H, head_dim=DH)
 
 
-def test_attention_yamls_match_registry_and_build():
-    files = {p.stem: p for p in CONF_DIR.glob("*.yaml")}
-    assert set(files) == set(ATTENTION_BACKENDS)
-    for stem, path in files.items():
-        cfg = OmegaConf.to_container(OmegaConf.load(path))
-        name = cfg.pop("name")
-        assert name == stem
-        attn = build_attention(name, num_heads=H, head_dim=DH, max_len=MAX_LEN, **cfg).eval()
+def test_attention_yamls_name_a_class_and_build():
+    """Every discovered yaml: a `_target_` that imports, no `name:` key (the file name is the name)."""
+    for name in BACKENDS:
+        raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml")) if (CONF_DIR / f"{name}.yaml").exists() else {}
+        assert "name" not in raw, f"conf/attention/{name}.yaml has a `name:` key; the file name is the name"
+        cfg = spec(name)
+        assert cfg["name"] == name
+        attn = build_attention(cfg, num_heads=H, head_dim=DH, max_len=MAX_LEN).eval()
         q, k, v = make_qkv()
         assert attn(q, k, v, padding_mask()).shape == (B, H, L, DH)
 
@@ -326,24 +262,12 @@ def test_no_length_squared_tensor(name, opts):
 
     n = 400  # longer than every option below (landmarks, features, projection, conv blocks)
     small = {"nystrom": {"num_landmarks": 16}, "performer": {"num_features": 32}, "linformer": {"proj_dim": 16}}
-    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=n, **{**small.get(name, {}), **opts})
+    mha = MultiHeadAttention(16, H, spec(name), head_dim=DH, max_len=n, **{**small.get(name, {}), **opts})
     x = torch.randn(2, n, 16, requires_grad=True)
     with Shapes() as mode:
         mha(x, torch.ones(2, n, dtype=torch.bool)).sum().backward()
     big = [(f, s) for f, s in mode.shapes if sum(d >= n for d in s) >= 2]
     assert mode.shapes and not big, big[:3]
-
-
-@pytest.mark.parametrize("name,opts", CASES, ids=CASE_IDS)
-def test_runs_under_cpu_autocast(name, opts):
-    torch.manual_seed(0)
-    mha = MultiHeadAttention(16, H, name, head_dim=DH, max_len=MAX_LEN, **opts).eval()
-    x = torch.randn(B, L, 16)
-    ref = mha(x, padding_mask())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = mha(x, padding_mask())
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
 
 
 def test_mixed_precision_parts_stay_fp32_under_autocast(monkeypatch):

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lra.config import compose
+from lra.config import attention_spec, backend_names, compose
 from lra.data.datamodule import ResumableBatchSampler, ShardedEvalSampler, epoch_permutation
 from lra.train import run
 from lra.training.checkpoint_io import RunCheckpointIO
 from lra.training.records import run_id
-from models.attention import ATTENTION_BACKENDS
+from models.attention import backend_class, capability
 from models.classifier import build_model
 
-BACKENDS = sorted(ATTENTION_BACKENDS)
+BACKENDS = backend_names()
 # 60 steps of a tiny model with dropout (so the RNG state matters) over 25 batches per epoch (200 / 8):
 # resumes land mid-epoch, on epoch ends and on validation steps.
 RESUME_ARGS = ["attention=nystrom", "experiment=smoke", "logger=none", "task.max_len=40", "trainer.max_steps=60",
@@ -178,7 +178,7 @@ def test_bf16_mixed_runs_every_backend(tmp_path: Path, listops_dir: Path):
                            "precision=bf16-mixed", "trainer.max_steps=2"]))
         assert rec["status"] == "finished" and rec["precision"] == "bf16-mixed", name
         assert math.isfinite(rec["final_train_loss"]), name
-        own = getattr(ATTENTION_BACKENDS[name], "mixed_precision", None)
+        own = capability(backend_class(rec["config"]["attention"]["_target_"]), "mixed_precision")
         assert rec["mixed_precision_policy"].startswith("autocast bf16")
         assert own is None or own in rec["mixed_precision_policy"], name
 
@@ -269,7 +269,7 @@ def test_every_parameter_gets_a_gradient(name: str):
     """DDP (find_unused_parameters=False) needs every parameter to take part in each step."""
     opts = {"nystrom": {"num_landmarks": 8, "conv_kernel": 3}, "linformer": {"proj_dim": 8},
             "performer": {"num_features": 16}}.get(name, {})
-    net = build_model(head="pooled", vocab_size=20, num_classes=10, max_len=40, attention={"name": name, **opts},
+    net = build_model(head="pooled", vocab_size=20, num_classes=10, max_len=40, attention=attention_spec(name) | opts,
                       dim=16, depth=1, heads=2, head_dim=8, ffn_dim=32)
     ids = torch.randint(1, 20, (4, 40))
     mask = torch.arange(40)[None, :] < torch.tensor([40, 30, 20, 10])[:, None]

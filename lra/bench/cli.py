@@ -41,7 +41,9 @@ def _csv(cast: Callable[[str], object]) -> Callable[[str], list]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from models.attention import ATTENTION_BACKENDS
+    from lra.config import backend_names
+
+    backends = backend_names()  # conf/attention/ plus the searchpath (LRA_CONFIG_PATH)
 
     p = argparse.ArgumentParser(prog="lra-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--with-reference", action="store_true", help="time ours beside the public implementations")
     mode.add_argument("--approx", action="store_true", help="approximation error vs exact softmax")
     p.add_argument("--backends", type=_csv(str), default=None,
-                   help=f"comma list (default: all of {','.join(ATTENTION_BACKENDS)}; reference: nystrom,linformer,performer)")
+                   help=f"comma list (default: all of {','.join(backends)}; reference: nystrom,linformer,performer)")
     p.add_argument("--lengths", type=_csv(int), default=list(DEFAULT_LENGTHS), help="comma list of sequence lengths")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
@@ -75,10 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.dim = args.dim or args.heads * args.head_dim
     if args.backends is None:
-        args.backends = list(REFERENCE_PACKAGES) if args.with_reference else list(ATTENTION_BACKENDS)
-    unknown = [b for b in args.backends if b not in ATTENTION_BACKENDS]
+        args.backends = list(REFERENCE_PACKAGES) if args.with_reference else list(backends)
+    unknown = [b for b in args.backends if b not in backends]
     if unknown:
-        p.error(f"unknown backend(s) {unknown}; valid: {', '.join(ATTENTION_BACKENDS)}")
+        p.error(f"unknown backend(s) {unknown}; valid: {', '.join(backends)}")
     if args.with_reference and any(b not in REFERENCE_PACKAGES for b in args.backends):
         p.error(f"--with-reference compares {', '.join(REFERENCE_PACKAGES)} only")
     args.tasks = [] if args.tasks == ["none"] else list(ALL_TASKS) if args.tasks == ["all"] else args.tasks
@@ -89,14 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def yaml_options(backend: str) -> dict:
-    """The backend's protocol options from conf/attention/<backend>.yaml (everything but `name`)."""
-    from omegaconf import OmegaConf
+    """The backend's protocol options from its attention/<backend>.yaml (everything but `_target_`, `name`)."""
+    from lra.config import attention_spec
 
-    from lra.config import CONF_DIR
-
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "attention" / f"{backend}.yaml"))
-    cfg.pop("name", None)
-    return cfg
+    spec = attention_spec(backend)
+    return {k: v for k, v in spec.items() if k not in ("_target_", "name")}
 
 
 def check_reference_installed(kinds: Iterable[str]) -> None:

@@ -68,7 +68,10 @@ def layer_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
     n, dim, heads, head_dim = spec["n"], spec["dim"], spec["heads"], spec["head_dim"]
     dtype = DTYPES[spec["dtype"]]
     if impl["impl"] == "ours":
-        net: nn.Module = MultiHeadAttention(dim, heads, impl["backend"], head_dim=head_dim, max_len=n, **impl["options"])
+        from lra.config import attention_spec
+
+        target = {k: v for k, v in attention_spec(impl["backend"]).items() if k in ("_target_", "name")}
+        net: nn.Module = MultiHeadAttention(dim, heads, target, head_dim=head_dim, max_len=n, **impl["options"])
         call = lambda x: net(x)  # noqa: E731
     else:
         net = build_reference(impl["backend"], n, dim, heads, head_dim, impl["options"])

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lra.atomic import atomic_write, write_json_atomic
+from lra.config import name_mismatch
 from lra.training.schema import ConfigError, validate
 
 # `precision=` values and what Lightning calls them; 16-mixed on a CPU runs fp16 autocast with a CPU
@@ -74,6 +75,8 @@ def prepare(cfg: DictConfig) -> str:
                           "one), never (discard this run's checkpoints and start over).")
     _check_writable(cfg.results_dir, "results_dir")
     _check_writable(cfg.runs_root, "runs_root")
+    if (bad := name_mismatch(cfg)) is not None:  # a run labelled with another backend's or task's name
+        raise ConfigError(bad)
     cfg.run_id = records.run_id(cfg)
     return cfg.run_id
 

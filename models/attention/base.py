@@ -3,8 +3,13 @@
 A backend only mixes tokens. The multi-head wrapper (`models.multihead`) owns the projections and the
 head split, so parameter counts stay comparable across backends.
 
+    __init__(num_heads, head_dim, max_len=None, **options)
     forward(q, k, v, key_padding_mask) -> out
     q, k, v, out: (B, H, L, Dh)      key_padding_mask: (B, L) bool, True = real token, or None
+
+Subclassing AttentionBackend is optional: any nn.Module with that signature is a backend (flags it does
+not set take the defaults below). The subclass adds the build-time max_len check and `check_length`.
+A backend is named by its config file (`attention/<name>.yaml`), not by the class.
 """
 from __future__ import annotations
 
@@ -24,17 +29,20 @@ class AttentionBackend(nn.Module):
     Capability flags (class attributes, never mutated):
       supports_padding_mask: padded keys are excluded from the mixing.
       needs_max_len: the backend owns parameters sized by the maximum length (Linformer).
+      mixed_precision: None, or one line saying which parts run in fp32 under autocast (in records).
+    `name` is only used in messages; the harness names a backend by its yaml file.
     """
 
     name: ClassVar[str] = ""
     supports_padding_mask: ClassVar[bool] = True
     needs_max_len: ClassVar[bool] = False
+    mixed_precision: ClassVar[str | None] = None
 
     def __init__(self, num_heads: int, head_dim: int, max_len: int | None = None) -> None:
         super().__init__()
         if self.needs_max_len and not max_len:
             raise AttentionConfigError(
-                f"attention backend '{self.name}' needs a maximum sequence length (max_len) when it is "
+                f"attention backend '{self.name or type(self).__name__}' needs a maximum sequence length (max_len) when it is "
                 "built; the model passes the task's max_len, so set task.max_len (or model.max_len)."
             )
         self.num_heads = num_heads
@@ -45,7 +53,7 @@ class AttentionBackend(nn.Module):
         """Raise AttentionConfigError if this backend cannot take sequences of `length` tokens."""
         if self.max_len is not None and length > self.max_len:
             raise AttentionConfigError(
-                f"attention backend '{self.name}' was built for at most {self.max_len} tokens but got "
+                f"attention backend '{self.name or type(self).__name__}' was built for at most {self.max_len} tokens but got "
                 f"{length}; rebuild it with max_len >= {length} (task.max_len)."
             )
 
