@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
@@ -82,7 +82,8 @@ clean: ## Remove generated data, run folders (checkpoints, logs) and run records
 # `make -n reproduce-nystromformer` prints the exact commands. Data: data/<task> (raw or prepared; see
 # README "Getting the data"); each target checks it first and says how to get what is missing.
 # Every backend conf/ (and LRA_CONFIG_PATH) defines, asked once: `python -m lra.config backends`.
-BACKENDS ?= $(eval BACKENDS := $(shell $(BIN)/python -m lra.config backends 2>/dev/null || echo DISCOVERY-FAILED-run-make-install))$(BACKENDS)
+BACKENDS ?= $(eval BACKENDS := $(or $(shell $(BIN)/python -m lra.config backends 2>/dev/null),$(error \
+	BACKENDS: `$(BIN)/python -m lra.config backends` failed; run `make install`, or set BACKENDS="a b")))$(BACKENDS)
 SEEDS ?= 0
 TRAIN_ARGS ?=
 LRA_TASKS := listops text retrieval image pathfinder
@@ -95,7 +96,7 @@ define reproduce_task
 endef
 
 .PHONY: reproduce-nystromformer reproduce-lra $(addprefix reproduce-,$(LRA_TASKS))
-reproduce-nystromformer: $(STAMP) ## Nyströmformer paper's LRA table: 5 tasks x 4 backends (SEEDS=0,1,2 for more seeds)
+reproduce-nystromformer: $(STAMP) ## Nyströmformer paper's LRA table: 5 tasks x BACKENDS (default: every discovered one; SEEDS=0,1,2 for more seeds)
 	$(foreach t,$(LRA_TASKS),$(call reproduce_task,nystromformer,$(t)))
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 
@@ -103,7 +104,7 @@ reproduce-lra: $(STAMP) ## LRA paper's table (its per-task model sizes), Path-X 
 	$(foreach t,$(LRA_TASKS) pathx,$(call reproduce_task,lra,$(t)))
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 
-reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-pathfinder: reproduce-%: $(STAMP) ## One task of the Nyströmformer table, 4 backends (e.g. make reproduce-listops)
+reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-pathfinder: reproduce-%: $(STAMP) ## One task of the Nyströmformer table, every backend in BACKENDS (e.g. make reproduce-listops)
 	$(call reproduce_task,nystromformer,$*)
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+os.environ.pop("LRA_CONFIG_PATH", None)  # the suite tests conf/ (tests that need a user folder set their own)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

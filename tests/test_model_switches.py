@@ -31,7 +31,8 @@ def prefix_mask(lengths: list[int], length: int = L) -> torch.Tensor:
 
 
 def tiny_model(**kw) -> nn.Module:
-    args = dict(head="pooled", vocab_size=500, num_classes=5, max_len=32, attention={"name": "softmax"}, dim=16,
+    args = dict(head="pooled", vocab_size=500, num_classes=5, max_len=32,
+                attention={"_target_": "models.attention.softmax.SoftmaxAttention"}, dim=16,
                 depth=2, heads=2, head_dim=8, ffn_dim=32)
     return build_model(**{**args, **kw})
 
@@ -80,7 +81,7 @@ def test_softmax_attention_dropout_acts_in_training_only():
 
 # ---- Linformer sharing -----------------------------------------------------------------------------
 def linformer_model(sharing: str, depth: int = 3) -> nn.Module:
-    return tiny_model(attention={"name": "linformer", "proj_dim": 4, "sharing": sharing}, depth=depth)
+    return tiny_model(attention={"_target_": "models.attention.linformer.LinformerAttention", "proj_dim": 4, "sharing": sharing}, depth=depth)
 
 
 def test_linformer_sharing_parameter_counts():

@@ -1,11 +1,11 @@
-"""The five task configs: the Nyströmformer protocol values (shared/LRA_FACTS.md §2), their readers, and
+"""Every discovered task config, the published protocol values (shared/LRA_FACTS.md §2), their readers, and
 `lra-data` option errors."""
 from __future__ import annotations
 
 import pytest
 from hydra.utils import instantiate
 
-from lra.config import compose
+from lra.config import CONF_DIR, compose, task_names
 from lra.data import cli
 
 # task: (batch, warm-up, steps, eval every, max_len, head, classes, vocab)
@@ -16,6 +16,25 @@ PROTOCOL = {
     "pathfinder": (256, 312, 62400, 312, 1024, "pooled", 2, 256),
     "pathx": (256, 312, 62400, 312, 16384, "pooled", 2, 256),
 }
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_every_task_config_builds_a_consistent_reader(task):
+    """Every discovered task: named by its file, a reader that imports and agrees with the yaml."""
+    cfg = compose([f"task={task}"])
+    assert cfg.task.name == task
+    reader = instantiate(cfg.task.reader)
+    assert (reader.max_len, reader.num_classes) == (cfg.task.max_len, cfg.task.num_classes)
+    assert reader.num_classes >= 2 and reader.vocab_size >= 2
+    assert reader.pair == (cfg.task.head == "dual")
+    assert cfg.model.max_len >= cfg.task.max_len
+    source = (CONF_DIR / "task" / f"{task}.yaml").read_text().splitlines()
+    assert any(line.startswith("# ") and "@package" not in line for line in source[:4]), \
+        f"conf/task/{task}.yaml: say where its hyperparameters come from in a comment at the top"
+
+
+def test_published_rows_name_discovered_tasks():
+    assert set(PROTOCOL) <= set(task_names())
 
 
 @pytest.mark.parametrize("task", sorted(PROTOCOL))
