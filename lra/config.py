@@ -76,8 +76,8 @@ def name_groups(cfg: DictConfig, choices: dict) -> DictConfig:
     with open_dict(cfg):
         for group in NAMED_GROUPS:
             node = cfg.get(group)
-            if node is not None and OmegaConf.is_interpolation(node, "name") and \
-                    "runtime.choices" in str(node._get_node("name")._value()):
+            if isinstance(node, DictConfig) and OmegaConf.to_container(node).get("name") == \
+                    f"${{hydra:runtime.choices.{group}}}":
                 node.name = choices[group]
     return cfg
 
