@@ -81,9 +81,13 @@ clean: ## Remove generated data, run folders (checkpoints, logs) and run records
 # ---- published tables ------------------------------------------------------------------------------
 # `make -n reproduce-nystromformer` prints the exact commands. Data: data/<task> (raw or prepared; see
 # README "Getting the data"); each target checks it first and says how to get what is missing.
-# Every backend conf/ (and LRA_CONFIG_PATH) defines, asked once: `python -m lra.config backends`.
-BACKENDS ?= $(eval BACKENDS := $(or $(shell $(BIN)/python -m lra.config backends 2>/dev/null),$(error \
-	BACKENDS: `$(BIN)/python -m lra.config backends` failed; run `make install`, or set BACKENDS="a b")))$(BACKENDS)
+# The backends a protocol's targets loop over: BACKENDS="a b" if given, else discovered once per protocol
+# by `python -m lra.config backends --protocol P`: the files of conf/protocol_attention/P/ when it has
+# any (the Nyströmformer paper's four), else every backend conf/ (and LRA_CONFIG_PATH) defines.
+BACKENDS ?=
+backends_for = $(or $(BACKENDS),$(_backends_$(1)),$(eval _backends_$(1) := $(or $(shell $(BIN)/python -m lra.config \
+	backends --protocol $(1) 2>/dev/null),$(error `$(BIN)/python -m lra.config backends --protocol $(1)` failed; \
+	run `make install`, or set BACKENDS="a b")))$(_backends_$(1)))
 SEEDS ?= 0
 TRAIN_ARGS ?=
 LRA_TASKS := listops text retrieval image pathfinder
@@ -91,20 +95,20 @@ LRA_TASKS := listops text retrieval image pathfinder
 # options) is in conf/experiment/<protocol>/<task>.yaml, conf/protocols/ and conf/protocol_attention/.
 define reproduce_task
 	$(BIN)/lra-data check $(2) --data-dir data/$(2)
-	$(foreach b,$(BACKENDS),$(BIN)/lra-train -m experiment=$(1)/$(2) attention=$(b) seed=$(SEEDS) data_dir=data/$(2) $(TRAIN_ARGS)
+	$(foreach b,$(call backends_for,$(1)),$(BIN)/lra-train -m experiment=$(1)/$(2) attention=$(b) seed=$(SEEDS) data_dir=data/$(2) $(TRAIN_ARGS)
 	)
 endef
 
 .PHONY: reproduce-nystromformer reproduce-lra $(addprefix reproduce-,$(LRA_TASKS))
-reproduce-nystromformer: $(STAMP) ## Nyströmformer paper's LRA table: 5 tasks x BACKENDS (default: every discovered one; SEEDS=0,1,2 for more seeds)
+reproduce-nystromformer: $(STAMP) ## Nyströmformer paper's LRA table: 5 tasks x its backends (conf/protocol_attention/nystromformer/; SEEDS=0,1,2 for more seeds)
 	$(foreach t,$(LRA_TASKS),$(call reproduce_task,nystromformer,$(t)))
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 
-reproduce-lra: $(STAMP) ## LRA paper's table (its per-task model sizes), Path-X included
+reproduce-lra: $(STAMP) ## LRA paper's table (its per-task model sizes), Path-X included, every discovered backend
 	$(foreach t,$(LRA_TASKS) pathx,$(call reproduce_task,lra,$(t)))
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 
-reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-pathfinder: reproduce-%: $(STAMP) ## One task of the Nyströmformer table, every backend in BACKENDS (e.g. make reproduce-listops)
+reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-pathfinder: reproduce-%: $(STAMP) ## One task of the Nyströmformer table, its backends (e.g. make reproduce-listops)
 	$(call reproduce_task,nystromformer,$*)
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 
@@ -119,7 +123,7 @@ MINI_PF ?= data/mini/pathfinder
 OPTS_mini_listops_nystrom := attention.num_landmarks=16 attention.conv_kernel=9
 
 define mini_task
-	$(foreach b,$(BACKENDS),-$(BIN)/lra-train experiment=mini/$(1) attention=$(b) $(OPTS_mini_$(1)_$(b)) results_dir=$(MINI_RESULTS) $(TRAIN_ARGS)
+	$(foreach b,$(call backends_for,mini),-$(BIN)/lra-train experiment=mini/$(1) attention=$(b) $(OPTS_mini_$(1)_$(b)) results_dir=$(MINI_RESULTS) $(TRAIN_ARGS)
 	)
 endef
 
@@ -130,7 +134,7 @@ mini-lra: demo-data ## Four backends on small generated ListOps and Pathfinder s
 	$(call mini_task,pathfinder)
 	for t in text retrieval image; do \
 		if $(BIN)/lra-data check $$t --data-dir data/$$t >/dev/null 2>&1; then \
-			for b in $(BACKENDS); do $(BIN)/lra-train experiment=mini/$$t attention=$$b results_dir=$(MINI_RESULTS) $(TRAIN_ARGS) || true; done; \
+			for b in $(call backends_for,mini); do $(BIN)/lra-train experiment=mini/$$t attention=$$b results_dir=$(MINI_RESULTS) $(TRAIN_ARGS) || true; done; \
 		else echo "mini-lra: no data/$$t, skipping $$t (lra-data check $$t --data-dir data/$$t says how to get it)"; fi; \
 	done
 	$(BIN)/lra-leaderboard $(MINI_RESULTS) --out results/LEADERBOARD.md

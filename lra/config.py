@@ -9,7 +9,8 @@ the shortcut `LRA_CONFIG_PATH=DIR[:DIR...]` (read by every entry point through t
 A folder there may hold `attention/<name>.yaml` and `task/<name>.yaml`: discovery (`backend_names`,
 `task_names`) sees them beside ours, and `attention=<name>` / `task=<name>` picks them.
 
-    python -m lra.config backends      # the discovered backends, one line (the Makefile's BACKENDS)
+    python -m lra.config backends      # the discovered backends, one line
+    python -m lra.config backends --protocol nystromformer   # the ones a protocol's table compares (Makefile)
     python -m lra.config tasks
 """
 from __future__ import annotations
@@ -143,6 +144,13 @@ def task_names(overrides: list[str] | None = None) -> list[str]:
     return [n for n in group_options("task", overrides) if "/" not in n]
 
 
+def protocol_backends(protocol: str, overrides: list[str] | None = None) -> list[str]:
+    """The backends protocol `protocol`'s table compares: the files of `protocol_attention/<protocol>/`
+    when it has any (each holds that backend's protocol options), else every backend."""
+    own = [n for n in group_options(f"protocol_attention/{protocol}", overrides) if "/" not in n]
+    return own or backend_names(overrides)
+
+
 def attention_spec(name: str, overrides: list[str] | None = None) -> dict:
     """Backend `name`'s composed settings: {"_target_", "name", **options} (overrides: `attention.k=v`...)."""
     cfg = compose([f"attention={name}", *(overrides or [])])
@@ -155,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lra.config", description="List what the configs define.")
     p.add_argument("what", choices=["backends", "tasks", "conf-dir", "searchpath"])
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. hydra.searchpath=[file:///DIR]")
+    p.add_argument("--protocol", help="backends: the ones protocol PROTOCOL compares (conf/protocol_attention/)")
     args = p.parse_args(argv)
     try:
         if args.what == "conf-dir":
@@ -162,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.what == "searchpath":
             print("\n".join([f"file://{CONF_DIR}", *user_searchpath()]))
         else:
-            names = backend_names(args.overrides) if args.what == "backends" else task_names(args.overrides)
+            if args.what == "tasks":
+                names = task_names(args.overrides)
+            elif args.protocol:
+                names = protocol_backends(args.protocol, args.overrides)
+            else:
+                names = backend_names(args.overrides)
             print(" ".join(names))
     except ConfigPathError as err:
         print(f"python -m lra.config: {err}", file=sys.stderr)
