@@ -1,4 +1,9 @@
-"""lra-bench --approx: how close Nyström and Performer come to exact softmax attention.
+"""lra-bench --approx: how close the backends come to exact softmax attention.
+
+Two parts. Every backend that approximates softmax (lra.bench.approx_backends: discovered, by its
+class's `approximates_softmax` flag) at its yaml defaults and a sweep of its main size option, with
+and without padding. And, for Nyström and Performer, a finer sweep (landmarks x pseudo-inverse
+iterations, features x draws) checked against plain implementations of the papers' formulas:
 
 Relative error ‖out − softmax‖_F / ‖softmax‖_F on two input families:
   random:     q, k, v ~ N(0, 1): logits of spread ~1, attention close to uniform (high entropy);
@@ -18,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from lra.bench.approx_backends import backends_table, count_backend_settings, plot_backends, run_backends_approx
 from models.attention.nystrom import nystrom_attention
 from models.attention.performer import orthogonal_features, performer_attention
 
@@ -90,8 +96,11 @@ def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def run_approx(n: int = 1024, heads: int = 2, head_dim: int = 32, dtype: torch.dtype = torch.float32,
-               feature_draws: int = 3, progress: Callable[[], object] | None = None) -> dict:
-    """Every (family, setting) error of ours and of the plain formula, plus the PASS/FAIL check."""
+               feature_draws: int = 3, progress: Callable[[], object] | None = None,
+               backends: dict[str, dict] | None = None) -> dict:
+    """Every (family, setting) error of ours and of the plain formula, plus the PASS/FAIL check, and
+    ["backends"]: the rows of lra.bench.approx_backends for `backends` ({name: spec}; None = every
+    discovered backend that approximates softmax)."""
     rows: list[dict] = []
     families = {}
     f64 = torch.float64
@@ -126,12 +135,14 @@ def run_approx(n: int = 1024, heads: int = 2, head_dim: int = 32, dtype: torch.d
         pairs = zip(r.get("errors_fp64", [r.get("error_fp64")]), r.get("plain_errors_fp64", [r.get("plain_error_fp64")]))
         r["check_rel_diff"] = max(abs(a - b) / max(b, CHECK_FLOOR / CHECK_TOLERANCE) for a, b in pairs)
         r["check"] = "PASS" if r["check_rel_diff"] <= CHECK_TOLERANCE else "FAIL"
+    backend_rows = run_backends_approx(n, heads, head_dim, dtype, backends, progress)
     return {"families": families, "rows": rows, "tolerance": CHECK_TOLERANCE, "n": n, "heads": heads,
-            "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch.")}
+            "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."), "backends": backend_rows}
 
 
-def count_settings(n: int) -> int:
-    return 2 * (sum(1 for m in LANDMARKS if n % m == 0) * len(PINV_ITERATIONS) + len(FEATURES))
+def count_settings(n: int, backends: dict[str, dict]) -> int:
+    own = 2 * (sum(1 for m in LANDMARKS if n % m == 0) * len(PINV_ITERATIONS) + len(FEATURES))
+    return own + count_backend_settings(n, backends)
 
 
 def _std(xs: list[float]) -> float:
@@ -141,8 +152,9 @@ def _std(xs: list[float]) -> float:
 
 def approx_tables(result: dict) -> str:
     """Markdown: Nyström error by landmarks x pinv iterations, Performer error by features, per family."""
-    out = [f"Relative error ‖out − softmax‖_F / ‖softmax‖_F, n = {result['n']}, {result['heads']} heads x "
-           f"{result['head_dim']}, {result['dtype']}; exact = torch.linalg.pinv (default cutoff).\n"]
+    out = [backends_table(result.get("backends", []), result["n"]), "",
+           f"Nyström and Performer in detail: relative error ‖out − softmax‖_F / ‖softmax‖_F, n = {result['n']}, "
+           f"{result['heads']} heads x {result['head_dim']}, {result['dtype']}; exact = torch.linalg.pinv (default cutoff).\n"]
     for family, facts in result["families"].items():
         rows = [r for r in result["rows"] if r["family"] == family]
         its = [it for it in PINV_ITERATIONS if any(r.get("pinv_iterations", 0) == it for r in rows if r["method"] == "nystrom")]
@@ -173,7 +185,7 @@ def plot_approx(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     families = list(result["families"])
-    fig, axes = plt.subplots(len(families), 2, figsize=(11, 4 * len(families)), squeeze=False)
+    fig, axes = plt.subplots(len(families), 3, figsize=(16, 4 * len(families)), squeeze=False)
     for row, family in enumerate(families):
         rows = [r for r in result["rows"] if r["family"] == family]
         ax = axes[row][0]
@@ -196,6 +208,7 @@ def plot_approx(result: dict, path: Path) -> Path:
                title=f"Performer (softmax kernel), {family} inputs")
         ax.set_xticks(list(FEATURES), [str(f) for f in FEATURES])
         ax.minorticks_off()
+        plot_backends(axes[row][2], result.get("backends", []), family)
         for a in axes[row]:
             a.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -3,7 +3,7 @@ side-by-side with public implementations (--with-reference) and approximation qu
 
     lra-bench --threads 2                              # every backend, n = 512 ... 16384, + ListOps model
     lra-bench --threads 2 --with-reference             # ours vs nystrom-attention / linformer / performer-pytorch
-    lra-bench --threads 2 --approx                     # Nyström / Performer error vs exact softmax
+    lra-bench --threads 2 --approx                     # error vs exact softmax, every approximating backend
 
 Each configuration runs in a fresh worker process (memory is that process's peak minus its baseline)
 under a per-configuration timeout. Writes results/bench/<device>-<backends>.json and a PNG beside it,
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--with-reference", action="store_true", help="time ours beside the public implementations")
-    mode.add_argument("--approx", action="store_true", help="approximation error vs exact softmax")
+    mode.add_argument("--approx", action="store_true", help="approximation error vs exact softmax (backends with approximates_softmax)")
     p.add_argument("--backends", type=_csv(str), default=None,
                    help=f"comma list (default: all of {','.join(backends)}; reference: nystrom,linformer,performer)")
     p.add_argument("--lengths", type=_csv(int), default=list(DEFAULT_LENGTHS), help="comma list of sequence lengths")
@@ -241,6 +241,7 @@ def _main_approx(args: argparse.Namespace, console: Console, load: dict) -> int:
     import torch
 
     from lra.bench.approx import approx_tables, count_settings, plot_approx, run_approx
+    from lra.bench.approx_backends import approximating_backends
     from lra.bench.workloads import DTYPES
 
     if args.threads:
@@ -248,10 +249,12 @@ def _main_approx(args: argparse.Namespace, console: Console, load: dict) -> int:
     record = _record(args, "approx", load)
     record["settings"].update(approx_length=args.approx_length)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    backends = {b: spec for b, spec in approximating_backends().items() if b in args.backends}
+    record["settings"].update(approx_backends=sorted(backends))
     with Progress(*columns, console=console, disable=args.no_progress) as bar:
-        tid = bar.add_task("approximation error", total=count_settings(args.approx_length))
+        tid = bar.add_task("approximation error", total=count_settings(args.approx_length, backends))
         record["approx"] = run_approx(args.approx_length, args.heads, args.head_dim, DTYPES[args.dtype],
-                                      progress=lambda: bar.advance(tid))
+                                      progress=lambda: bar.advance(tid), backends=backends)
     record["threads"] = torch.get_num_threads()
     path = args.out_dir / f"{args.device}-approx.json"
     write_json_atomic(path, record)

@@ -13,7 +13,7 @@ A backend is named by its config file (`attention/<name>.yaml`), not by the clas
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +30,16 @@ class AttentionBackend(nn.Module):
       supports_padding_mask: padded keys are excluded from the mixing.
       needs_max_len: the backend owns parameters sized by the maximum length (Linformer).
       mixed_precision: None, or one line saying which parts run in fp32 under autocast (in records).
+      approximates_softmax: the output estimates softmax attention, softmax(q kᵀ/√Dh) v over the real
+        keys, by a sparse pattern, a low-rank or kernel estimate, or hashing: `lra-bench --approx`
+        reports its error against exact softmax. False for softmax itself and for a backend that
+        computes another function of q, k, v by design (learned logits, another kernel), where an
+        error against softmax measures a choice, not an approximation.
+      shared_qk: the keys are the normalised queries and a query attends to itself only when nothing
+        else is there (Reformer): the exact attention it approximates is that one, not softmax(q kᵀ).
+      approx_fixed_options: options the approximation report sets because they add something that is
+        not part of the approximation (Nyström's convolution skip on V).
+    `exact_options(length)` gives the options under which the backend computes its exact target.
     `name` is only used in messages; the harness names a backend by its yaml file.
     """
 
@@ -37,6 +47,16 @@ class AttentionBackend(nn.Module):
     supports_padding_mask: ClassVar[bool] = True
     needs_max_len: ClassVar[bool] = False
     mixed_precision: ClassVar[str | None] = None
+    approximates_softmax: ClassVar[bool] = False
+    shared_qk: ClassVar[bool] = False
+    approx_fixed_options: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def exact_options(cls, length: int) -> dict[str, Any] | None:
+        """Options with which the backend computes its exact target (softmax attention, or the shared-QK
+        one) at `length` tokens, up to rounding; None when no setting does (random features, learned
+        projections or sorting)."""
+        return None
 
     def __init__(self, num_heads: int, head_dim: int, max_len: int | None = None) -> None:
         super().__init__()

@@ -19,6 +19,8 @@ the two global blocks. Any length.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from models.attention._blocks import block_sparse_attention, full_rows, num_blocks, with_rows
@@ -32,6 +34,12 @@ class BigBirdAttention(AttentionBackend):
     mask (B, L) bool, True = real token."""
 
     name = "bigbird"
+    approximates_softmax: ClassVar[bool] = True
+
+    @classmethod
+    def exact_options(cls, length: int) -> dict[str, object]:
+        """Exact at `length` tokens: one block holds every key."""
+        return {"block_size": length}
 
     def __init__(
         self,

@@ -55,6 +55,7 @@ class LinearAttention(AttentionBackend):
     """
 
     name = "linear"
+    approximates_softmax: ClassVar[bool] = False  # the elu+1 kernel replaces exp: another function, not an estimate
     mixed_precision: ClassVar[str] = "feature maps, key-value sums and the normalisation run in fp32 with autocast off"
 
     def __init__(self, num_heads: int, head_dim: int, max_len: int | None = None) -> None:

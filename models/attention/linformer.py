@@ -16,6 +16,8 @@ projection. The k projected keys are attended with the fused `scaled_dot_product
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 
 import torch
@@ -48,6 +50,7 @@ class LinformerAttention(AttentionBackend):
     """
 
     name = "linformer"
+    approximates_softmax: ClassVar[bool] = True  # a low-rank estimate through learned projections
     needs_max_len = True
 
     def __init__(self, num_heads: int, head_dim: int, max_len: int | None = None, proj_dim: int = 256,

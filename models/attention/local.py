@@ -13,6 +13,8 @@ look_back / look_ahead > 0 give the neighbour-block variants (e.g. look_back = 1
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from models.attention._blocks import block_sparse_attention, num_blocks
@@ -25,6 +27,12 @@ class LocalAttention(AttentionBackend):
     Memory O(L * block_size * (1 + look_back + look_ahead)); any length (padded internally)."""
 
     name = "local"
+    approximates_softmax: ClassVar[bool] = True
+
+    @classmethod
+    def exact_options(cls, length: int) -> dict[str, object]:
+        """Exact at `length` tokens: one block holds every key."""
+        return {"block_size": length}
 
     def __init__(
         self,

@@ -19,6 +19,8 @@ global rows. Any length.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from models.attention._blocks import block_sparse_attention, full_rows, num_blocks, slot_positions, with_rows
@@ -30,6 +32,12 @@ class LongformerAttention(AttentionBackend):
     start. q, k, v, out: (B, H, L, Dh); mask (B, L) bool, True = real token."""
 
     name = "longformer"
+    approximates_softmax: ClassVar[bool] = True
+
+    @classmethod
+    def exact_options(cls, length: int) -> dict[str, object]:
+        """Exact at `length` tokens: a window of 2 x length holds every key for every query."""
+        return {"window": 2 * length}
 
     def __init__(
         self,

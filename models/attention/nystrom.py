@@ -228,6 +228,13 @@ class NystromAttention(AttentionBackend):
         "the landmark kernel softmax(Q̃K̃ᵀ) and its pseudo-inverse run in fp32 (fp64 for fp64 inputs) "
         "with autocast off; the two outer kernels follow the autocast dtype"
     )
+    approximates_softmax: ClassVar[bool] = True
+    approx_fixed_options: ClassVar[dict[str, object]] = {"conv_kernel": 0}  # the skip on V is an addition, not the estimate
+
+    @classmethod
+    def exact_options(cls, length: int) -> dict[str, object]:
+        """Exact at `length` tokens: a landmark per token and the exact pseudo-inverse."""
+        return {"num_landmarks": length, "pinv_iterations": None}
 
     def __init__(
         self,

@@ -178,6 +178,7 @@ class PerformerAttention(AttentionBackend):
     """
 
     name = "performer"
+    approximates_softmax: ClassVar[bool] = True  # kernel: softmax (the default); kernel: relu is another function
     mixed_precision: ClassVar[str] = "random features, sums and the normalisation run in fp32 with autocast off"
 
     def __init__(

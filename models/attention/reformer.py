@@ -110,6 +110,13 @@ class ReformerAttention(AttentionBackend):
     """
 
     name = "reformer"
+    approximates_softmax: ClassVar[bool] = True
+    shared_qk: ClassVar[bool] = True
+
+    @classmethod
+    def exact_options(cls, length: int) -> dict[str, object]:
+        """Exact at `length` tokens: one chunk holds every key (shared-QK attention, no hashing left)."""
+        return {"chunk_size": length}
     mixed_precision: ClassVar[str] = "hashing, sorting, chunk attention and the round combination run in fp32 with autocast off"
 
     def __init__(

@@ -48,6 +48,7 @@ class SinkhornAttention(AttentionBackend):
     """
 
     name = "sinkhorn"
+    approximates_softmax: ClassVar[bool] = True  # block-sparse softmax over learned block sorting
     needs_max_len = True
     mixed_precision: ClassVar[str] = "sorting logits, Sinkhorn normalisation and the block attention run in fp32 with autocast off"
 

@@ -17,6 +17,8 @@ paper takes l ~ sqrt(L) for O(L sqrt(L))), never stored whole: the fused kernel 
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from models.attention._blocks import block_sparse_attention, num_blocks
@@ -28,6 +30,12 @@ class SparseAttention(AttentionBackend):
     q, k, v, out: (B, H, L, Dh); mask (B, L) bool, True = real token. Any length (padded internally)."""
 
     name = "sparse"
+    approximates_softmax: ClassVar[bool] = True
+
+    @classmethod
+    def exact_options(cls, length: int) -> dict[str, object]:
+        """Exact at `length` tokens: one stride block holds every key."""
+        return {"block_size": length}
 
     def __init__(
         self,

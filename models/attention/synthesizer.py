@@ -63,6 +63,7 @@ class SynthesizerAttention(AttentionBackend):
     """
 
     name = "synthesizer"
+    approximates_softmax: ClassVar[bool] = False  # learned logits (+ dot product): another function by design
     needs_max_len = True
     quadratic_memory: ClassVar[bool] = True  # capability note: logits are L x L_max by design
     mixed_precision: ClassVar[str] = "logits, softmax and the weighted sum run in fp32 with autocast off"
