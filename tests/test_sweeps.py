@@ -174,11 +174,14 @@ def test_sweep_with_a_failing_run_keeps_every_wandb_run_separate(tmp_path: Path,
 
 
 @pytest.mark.parametrize("respect_env", [False, True])
-def test_logger_mode_wins_over_an_inherited_wandb_mode(tmp_path: Path, listops_dir: Path, monkeypatch,
-                                                       respect_env: bool):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    rec = run(compose(["attention=softmax", "experiment=smoke", f"data_dir={listops_dir}", "logger=wandb",
-                       f"logger.wandb.respect_env={str(respect_env).lower()}", f"results_dir={tmp_path}/runs",
-                       f"runs_root={tmp_path}/rf", "task.max_len=40", "trainer.max_steps=2"]))
+def test_logger_mode_wins_over_an_inherited_wandb_mode(tmp_path: Path, listops_dir: Path, respect_env: bool):
+    """The process inherits WANDB_MODE=disabled; the config says offline (the default)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    p = subprocess.run([str(Path(sys.executable).parent / "lra-train"), "attention=softmax", "experiment=smoke",
+                        f"data_dir={listops_dir}", "logger=wandb", f"logger.wandb.respect_env={str(respect_env).lower()}",
+                        f"results_dir={tmp_path}/runs", f"runs_root={tmp_path}/rf", "task.max_len=40",
+                        "trainer.max_steps=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    [rec] = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*.json")]
     made = list((tmp_path / "rf" / rec["run_id"] / "wandb").glob("offline-run-*"))
     assert len(made) == (0 if respect_env else 1)  # offline (the config) unless told to take the environment

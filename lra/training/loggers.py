@@ -13,6 +13,8 @@ import os
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
+# WANDB_MODE as the process inherited it (this module sets the variable itself for each run).
+INHERITED_WANDB_MODE = os.environ.get("WANDB_MODE")
 RESULT_COLUMNS = ("run_id", "task", "attention", "protocol", "seed", "val_acc", "test_acc", "majority_acc",
                   "steps", "steps_per_second", "peak_memory_mb", "params", "status")
 
@@ -22,9 +24,8 @@ class WandbLogger(_LightningWandbLogger):
     through it wandb.init's)."""
 
     def __init__(self, mode: str = "offline", respect_env: bool = False, **kwargs) -> None:
-        inherited = os.environ.get("WANDB_MODE")
-        if respect_env and inherited:
-            mode = inherited
+        if respect_env and INHERITED_WANDB_MODE:
+            mode = INHERITED_WANDB_MODE
         os.environ["WANDB_MODE"] = mode  # wandb also reads the environment: make both say the same
         super().__init__(mode=mode, **kwargs)
 
