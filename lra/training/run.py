@@ -183,7 +183,9 @@ def make_trainer(cfg: DictConfig, ckpt_dir: Path, loggers: list, callbacks: list
                 enable_progress_bar=bool(cfg.progress), enable_model_summary=False, num_sanity_val_steps=0,
                 default_root_dir=str(ckpt_dir.parent), use_distributed_sampler=False)
     args.update(overrides)
-    return instantiate(cfg.trainer, **args)
+    # a partial of the config's arguments, then called with the objects: Hydra would otherwise wrap the
+    # callback/logger/plugin lists into ListConfigs, which Lightning 2.4 does not take for lists
+    return instantiate(cfg.trainer, _partial_=True)(**args)
 
 
 def _peak_memory_mb() -> float:
