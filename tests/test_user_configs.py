@@ -124,6 +124,7 @@ def test_user_backend_passes_the_contract_and_a_broken_one_does_not(user, monkey
     assert failed["check_padding_invariance"] and "real positions changed" in failed["check_padding_invariance"]
 
 
+@pytest.mark.slow
 def test_check_attention_cli(user):
     cli = [str(BIN / "lra-check-attention"), "mine", "--config-dir", str(user["cfg"])]
     ok = subprocess.run(cli, env=_env(user), capture_output=True, text=True, timeout=120)
@@ -141,15 +142,15 @@ def test_check_attention_cli(user):
 def test_user_backend_trains_through_the_cli_and_reaches_the_leaderboard(user, listops_dir):
     root = user["root"]
     train = subprocess.run(
-        [str(BIN / "lra-train"), f"hydra.searchpath=[file://{user['cfg']}]", "attention=mine", "attention.eps=1e-5",
-         "experiment=smoke", f"data_dir={listops_dir}", "task.max_len=40", "results_dir=runs", "ckpt_root=ckpt",
+        [str(BIN / "lra-train"), "-m", f"hydra.searchpath=[file://{user['cfg']}]", "attention=mine", "attention.eps=1e-5",
+         "experiment=smoke", f"data_dir={listops_dir}", "task.max_len=40", "results_dir=records", "runs_root=runs",
          "logger=none", "threads=1"],
         cwd=root, env=_env(user), capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
-    [record] = [json.loads(p.read_text()) for p in (root / "runs").glob("*.json")]
+    [record] = [json.loads(p.read_text()) for p in (root / "records").glob("*.json")]  # a sweep (-m) of one run
     assert record["status"] == "finished" and record["attention"] == "mine" and record["run_id"].startswith("listops-mine-")
     assert record["config"]["attention"] == {"name": "mine", "_target_": f"{PKG}.attention.EluLinearAttention", "eps": 1e-5}
-    board = subprocess.run([str(BIN / "lra-leaderboard"), "runs", "--out", "board/LEADERBOARD.md"], cwd=root,
+    board = subprocess.run([str(BIN / "lra-leaderboard"), "records", "--out", "board/LEADERBOARD.md"], cwd=root,
                            env=_env(user), capture_output=True, text=True, timeout=120)
     assert board.returncode == 0, board.stderr[-2000:]
     rows = [line for line in (root / "board" / "LEADERBOARD.md").read_text().splitlines()
@@ -177,7 +178,7 @@ def test_user_task_prepares_and_trains(user, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(user["pkg"]))
     assert cli.main(["prepare", "parity", "--source", str(raw), "--data-dir", str(tmp_path / "data"), "--quiet"]) == 0
     cfg = compose(["task=parity", "attention=softmax", "experiment=smoke", f"data_dir={tmp_path / 'data'}",
-                   f"results_dir={tmp_path}/runs", f"ckpt_root={tmp_path}/ckpt", "logger=none"])
+                   f"results_dir={tmp_path}/records", f"runs_root={tmp_path}/runs", "logger=none"])
     assert cfg.task.name == "parity"  # the file name; the yaml has no name key
     record = run(cfg)
     assert record["status"] == "finished" and record["task"] == "parity" and record["run_id"].startswith("parity-softmax-")

@@ -77,9 +77,9 @@ def test_installed_copy_runs_from_any_folder(installed, listops_dir):
     _run([bin_ / "lra-data", "generate", "listops", "--out", "lo", "--train", "200", "--val", "40", "--test", "40",
           "--max-depth", "3", "--max-args", "4", "--min-len", "5", "--max-len", "40"], work, env)
     _run([bin_ / "lra-train", "experiment=smoke", "attention=softmax", "data_dir=lo", "task.max_len=40",
-          "results_dir=runs", "ckpt_root=ckpt", "logger=none", "threads=1"], work, env)
-    [record] = list((work / "runs").glob("listops-softmax-*.json"))
-    _run([bin_ / "lra-leaderboard", "runs", "--out", "board/LEADERBOARD.md"], work, env)
+          "results_dir=records", "runs_root=runs", "logger=none", "threads=1"], work, env)
+    [record] = list((work / "records").glob("listops-softmax-*.json"))
+    _run([bin_ / "lra-leaderboard", "records", "--out", "board/LEADERBOARD.md"], work, env)
     assert "| softmax " in (work / "board" / "LEADERBOARD.md").read_text()
     _run([bin_ / "lra-check-attention", "softmax"], work, env)
     assert record.is_file() and not (work / "conf").exists()
