@@ -63,8 +63,21 @@ def user_searchpath() -> list[str]:
         if not path.is_dir():
             raise ConfigPathError(f"{SEARCHPATH_ENV} names '{entry}', which is not a folder; fix or remove it "
                                   f"({SEARCHPATH_ENV}=DIR[{os.pathsep}DIR...], each holding attention/ or task/).")
+        check_no_shadowing(path)
         out.append(f"file://{path}")
     return out
+
+
+def check_no_shadowing(folder: Path) -> None:
+    """ConfigPathError if a user config folder holds a file named like one of ours: Hydra would silently
+    use ours (conf/ comes first on the searchpath), so the user's would never run."""
+    for group in NAMED_GROUPS:
+        clash = sorted(p.name for p in (Path(folder) / group).glob("*.yaml") if (CONF_DIR / group / p.name).is_file())
+        if clash:
+            raise ConfigPathError(
+                f"{folder}/{group}/{clash[0]} has the name of a built-in {NOUN[group]} (conf/{group}/{clash[0]}), "
+                "which Hydra would use instead of yours; rename your file (its name is the "
+                f"{NOUN[group]}'s name).")
 
 
 if not OmegaConf.has_resolver("lra_searchpath"):
@@ -83,6 +96,18 @@ def name_groups(cfg: DictConfig, choices: dict) -> DictConfig:
     return cfg
 
 
+def error_text(err: BaseException) -> str:
+    """One line for a config error: our own message when a resolver raised it (OmegaConf wraps it), else
+    the first line of the error."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, (ConfigPathError, ConfigNameError)):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def name_mismatch(cfg: DictConfig, choices: dict | None = None) -> str | None:
     """A message if `<group>.name` differs from the file chosen for that group (e.g. `attention.name=x`
     on the command line, which would label one backend's run with another name), else None. Inside a
@@ -97,7 +122,8 @@ def name_mismatch(cfg: DictConfig, choices: dict | None = None) -> str | None:
         chosen, name = choices.get(group), OmegaConf.select(cfg, f"{group}.name")
         if chosen is not None and name != chosen:
             return (f"{group}.name={name} but the {group} config is {group}/{chosen}.yaml: a {NOUN[group]}'s name is "
-                    f"its file name and cannot be set. Pick another with {group}=<name> (`python -m lra.config "
+                    f"its file name and cannot be set (drop `name:` from that yaml, or {group}.name= from the "
+                    "command line). Pick another with {group}=<name> (`python -m lra.config "
                     f"{'backends' if group == 'attention' else 'tasks'}` lists them), or copy {chosen}.yaml under "
                     f"the new name into a folder on the searchpath ({SEARCHPATH_ENV}=DIR, DIR/{group}/<name>.yaml).")
     return None
@@ -178,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 names = backend_names(args.overrides)
             print(" ".join(names))
-    except ConfigPathError as err:
-        print(f"python -m lra.config: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a config problem: one line, no traceback
+        print(f"python -m lra.config: error: {error_text(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -73,8 +73,10 @@ class ParityReader(TaskReader):
 
 
 @pytest.fixture
-def user(tmp_path: Path) -> dict:
-    """A user's package (pkg/) and config folder (cfg/) outside the repository."""
+def user(tmp_path: Path):
+    """A user's package (pkg/) and config folder (cfg/) outside the repository (a fresh import each test)."""
+    for name in [m for m in sys.modules if m == PKG or m.startswith(f"{PKG}.")]:
+        del sys.modules[name]
     pkg = tmp_path / "pkg" / PKG
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -95,7 +97,9 @@ def user(tmp_path: Path) -> dict:
             _target_: {PKG}.parity.ParityReader
             max_len: ${{task.max_len}}
         """))
-    return {"pkg": tmp_path / "pkg", "cfg": cfg, "root": tmp_path}
+    yield {"pkg": tmp_path / "pkg", "cfg": cfg, "root": tmp_path}
+    for name in [m for m in sys.modules if m == PKG or m.startswith(f"{PKG}.")]:
+        del sys.modules[name]
 
 
 def _env(user: dict, **extra: str) -> dict:
@@ -182,3 +186,31 @@ def test_user_task_prepares_and_trains(user, monkeypatch, tmp_path):
     assert cfg.task.name == "parity"  # the file name; the yaml has no name key
     record = run(cfg)
     assert record["status"] == "finished" and record["task"] == "parity" and record["run_id"].startswith("parity-softmax-")
+
+
+def test_config_folder_mistakes_are_one_clear_line(user, monkeypatch, tmp_path):
+    from lra.config import ConfigNameError, error_text
+    from models.attention import AttentionConfigError, build_attention
+
+    monkeypatch.setenv("LRA_CONFIG_PATH", str(tmp_path / "nope"))
+    with pytest.raises(Exception) as err:
+        backend_names()
+    assert error_text(err.value).startswith(f"LRA_CONFIG_PATH names '{tmp_path / 'nope'}', which is not a folder")
+    (tmp_path / "shadow" / "attention").mkdir(parents=True)
+    (tmp_path / "shadow" / "attention" / "softmax.yaml").write_text(f"_target_: {PKG}.attention.EluLinearAttention\n")
+    monkeypatch.setenv("LRA_CONFIG_PATH", str(tmp_path / "shadow"))
+    with pytest.raises(Exception) as err:
+        backend_names()
+    assert "softmax.yaml has the name of a built-in backend" in error_text(err.value)
+
+    monkeypatch.setenv("LRA_CONFIG_PATH", str(user["cfg"]))
+    monkeypatch.syspath_prepend(str(user["pkg"]))
+    (user["cfg"] / "attention" / "named.yaml").write_text(f"_target_: {PKG}.attention.EluLinearAttention\nname: elu\n")
+    with pytest.raises(ConfigNameError, match=r"attention.name=elu but the attention config is attention/named.yaml.*"
+                                              r"drop `name:`"):
+        compose(["attention=named"])
+    (user["pkg"] / PKG / "broken.py").write_text("def broken(:\n")
+    (user["cfg"] / "attention" / "broken.yaml").write_text(f"_target_: {PKG}.broken.Anything\n")
+    with pytest.raises(AttentionConfigError, match=rf"attention/broken.yaml.*importing module '{PKG}.broken' failed: "
+                                                   "SyntaxError"):
+        build_attention(backend_spec("broken"), num_heads=2, head_dim=8)

@@ -41,9 +41,12 @@ def _csv(cast: Callable[[str], object]) -> Callable[[str], list]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from lra.config import backend_names
+    from lra.config import backend_names, error_text
 
-    backends = backend_names()  # conf/attention/ plus the searchpath (LRA_CONFIG_PATH)
+    try:
+        backends = backend_names()  # conf/attention/ plus the searchpath (LRA_CONFIG_PATH)
+    except Exception as err:  # noqa: BLE001 - e.g. a bad LRA_CONFIG_PATH: one line, no traceback
+        raise SystemExit(f"lra-bench: error: {error_text(err)}") from None
 
     p = argparse.ArgumentParser(prog="lra-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

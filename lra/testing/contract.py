@@ -214,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lra-check-attention: error: --config-dir {missing[0]} is not a folder.", file=sys.stderr)
         return 2
     if args.config_dir:
-        from lra.config import user_searchpath
+        from lra.config import ConfigPathError, check_no_shadowing, user_searchpath
 
+        try:
+            for d in args.config_dir:
+                check_no_shadowing(d)
+        except ConfigPathError as err:
+            print(f"lra-check-attention: error: {err}", file=sys.stderr)
+            return 2
         dirs = [*user_searchpath(), *(f"file://{d.resolve()}" for d in args.config_dir)]
         overrides.append(f"hydra.searchpath=[{','.join(dirs)}]")
     try:
         spec = backend_spec(args.name, overrides)
         _cls(spec)
     except Exception as err:  # noqa: BLE001 - a config or import problem: one paragraph, no traceback
-        from lra.config import backend_names
+        from lra.config import backend_names, error_text
 
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = error_text(err)
         try:
             known = ", ".join(backend_names([o for o in overrides if o.startswith("hydra.searchpath=")]))
         except Exception:  # noqa: BLE001

@@ -48,6 +48,10 @@ def backend_class(target: str | type, name: str | None = None) -> type[nn.Module
                 f"{_where(name, target)}: cannot import module '{module_name}' ({err}). Install the package "
                 "that holds it or put its folder on PYTHONPATH, or fix the `_target_` key of that yaml."
             ) from None
+        except Exception as err:  # noqa: BLE001 - the user's module itself is broken (syntax, its own imports)
+            raise AttentionConfigError(
+                f"{_where(name, target)}: importing module '{module_name}' failed: {type(err).__name__}: {err}"
+            ) from err
         cls = getattr(module, attr, None)
         if cls is None:
             raise AttentionConfigError(
