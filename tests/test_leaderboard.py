@@ -13,7 +13,7 @@ import pytest
 from leaderboard_records import acc_table, md_tables, write_record
 
 from lra import leaderboard
-from lra.config import CONF_DIR
+from lra.config import backend_names
 from lra.leaderboard.load import load_records
 from lra.leaderboard.plot import panels
 from lra.leaderboard.table import TEXT_NOTE, build_leaderboard, like_for_like
@@ -22,7 +22,7 @@ from lra.training.fingerprint import preset_settings
 
 COLUMNS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
            "pathfinder": "Pathfinder", "pathx": "Path-X"}
-BACKENDS = sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml"))  # discovered, never typed
+BACKENDS = backend_names()  # discovered from conf/ (+ searchpath), never typed
 COMPARED = "Compared with published results"
 
 

@@ -12,12 +12,12 @@ import pytest
 from leaderboard_records import acc_table, md_tables, record, write_record
 
 from lra import leaderboard
-from lra.config import CONF_DIR, compose
+from lra.config import CONF_DIR, backend_names, compose
 from lra.leaderboard.load import variant_label
 from lra.training.fingerprint import UNSET, fingerprint_of, preset_settings
 from lra.training.records import RecordError, RunRecord, load_record, make_record, record_path
 
-BACKENDS = sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml"))
+BACKENDS = backend_names()
 PROTOCOLS = sorted(p.name for p in (CONF_DIR / "experiment").iterdir() if p.is_dir())
 
 

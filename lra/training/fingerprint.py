@@ -112,14 +112,12 @@ def _compose_resolved(overrides: tuple[str, ...]) -> dict:
     if HydraConfig.initialized():
         extra = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath")]
     cfg = gh.hydra.compose_config("train", list(overrides) + extra, run_mode=RunMode.RUN, from_shell=False)
+    from lra.config import name_groups
+
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
-        for group in ("attention", "task"):
-            node = cfg.get(group)
-            if node is not None and "name" in node and OmegaConf.is_interpolation(node, "name"):
-                node.name = choices.get(group)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(name_groups(cfg, choices), resolve=True)
 
 
 @functools.lru_cache(maxsize=None)
