@@ -1,0 +1,71 @@
+"""Dropout that is cheap on a CPU.
+
+`torch.nn.Dropout` on a CPU draws one Bernoulli sample per element, which costs more than the matrix
+multiplies of a small model (measured in `lra-bench`'s classifier profile: about a seventh of a ListOps
+training step). Here one 64-bit random word decides four elements: it is split into four 16-bit
+words and an element is dropped when its word falls below `round(p * 65536)`. The drop probability is
+therefore p rounded to a multiple of 1/65536 (0.1 -> 0.1000061), and the kept values are scaled by
+1 / (1 - that probability), so the layer stays unbiased. The keep mask is saved for backward as one
+byte per element (`nn.Dropout` saves a float mask).
+
+On other devices (CUDA's dropout is fused and fast) and in eval mode this is `F.dropout` exactly.
+Randomness comes from torch's global generator of the input's device, so runs stay reproducible
+under `torch.manual_seed` and resume restores it like any other draw.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEVELS = 65536  # one 16-bit word per element
+
+
+def quantized_p(p: float) -> float:
+    """The drop probability actually used on a CPU: p rounded to a multiple of 1/65536."""
+    return round(p * LEVELS) / LEVELS
+
+
+class _WordDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        threshold = round(p * LEVELS) - LEVELS // 2  # int16 words are uniform on [-32768, 32767]
+        keep = words.view(torch.int16)[:n].view(x.shape) >= threshold  # (x.shape) bool
+        scale = 1.0 / (1.0 - quantized_p(p))
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout(x, p, training)`, with the word-based sampler on a CPU (see the module docstring)."""
+    if not training or p == 0.0:
+        return x
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if x.device.type != "cpu" or quantized_p(p) == 0.0:
+        return F.dropout(x, p, training)
+    return _WordDropout.apply(x, p)
+
+
+class Dropout(nn.Module):
+    """Drop-in for `nn.Dropout(p)` (same `p` attribute and repr), cheaper on a CPU."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

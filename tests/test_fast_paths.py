@@ -1,0 +1,108 @@
+"""The CPU fast paths: word-based dropout and chunked softmax attention with dropout. Each must equal the
+plain computation it replaces (same draws replayed through a plain formula), not only run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models.attention.softmax as softmax_mod
+from models.dropout import Dropout, dropout, quantized_p
+
+
+def test_dropout_rate_scale_and_determinism():
+    x = torch.ones(200_000)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1, True)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.004  # 200k draws: 4 standard deviations is ~0.0027
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - quantized_p(0.1))))
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1, True), y)  # the global generator decides: reproducible
+    assert abs(y.mean().item() - 1.0) < 0.01  # unbiased
+
+
+def test_dropout_every_word_is_used():
+    """Each 64-bit draw decides four elements: all four 16-bit lanes must drop at the same rate."""
+    torch.manual_seed(1)
+    y = dropout(torch.ones(400_000), 0.25, True).view(-1, 4)
+    rates = (y == 0).float().mean(0)
+    assert torch.all((rates - 0.25).abs() < 0.01), rates
+
+
+def test_dropout_backward_uses_forward_mask_and_eval_is_identity():
+    x = torch.randn(3, 7, 11, requires_grad=True)
+    torch.manual_seed(2)
+    y = dropout(x, 0.3, True)
+    y.backward(torch.ones_like(y))
+    scale = 1 / (1 - quantized_p(0.3))
+    assert torch.allclose(x.grad, (y != 0).float() * scale)
+    layer = Dropout(0.3).eval()
+    assert layer(x) is x
+    assert dropout(x, 0.0, True) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Dropout(1.0)
+
+
+def _plain(q, k, v, mask, p, seed, chunk=None):
+    """softmax attention with dropout on the probabilities, replaying the same draws: all queries at
+    once, or `chunk` queries at a time in order (each chunk draws its own words)."""
+    torch.manual_seed(seed)
+    outs = []
+    step = chunk or q.shape[2]
+    for i in range(0, q.shape[2], step):
+        s = q[:, :, i:i + step] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
+        outs.append(dropout(s.softmax(-1), p, True) @ v)
+    return torch.cat(outs, 2)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_chunked_dropout_attention_equals_plain(monkeypatch, recompute):
+    B, H, L, D = 2, 2, 24, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 17:] = False
+    ref = _plain(q, k, v, mask, 0.2, seed=5)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+
+    # one chunk: the same draws in the same order as the plain computation
+    torch.manual_seed(5)
+    out = softmax_mod.dropout_attention(q, k, v, mask[:, None, None, :], 0.2)
+    assert torch.allclose(out, ref)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), ref_grads))
+    # 5 queries a chunk (recomputed in backward, or stored): the plain formula chunk by chunk
+    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", B * H * 5 * L)
+    monkeypatch.setattr(softmax_mod, "STORE_ELEMENTS", 0 if recompute else 10**9)
+    ref = _plain(q, k, v, mask, 0.2, seed=5, chunk=5)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.manual_seed(5)
+    out = softmax_mod.dropout_attention(q, k, v, mask[:, None, None, :], 0.2)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert torch.allclose(out, ref)
+    for a, b in zip(grads, ref_grads):  # recomputation replays the chunk's draws exactly
+        assert torch.allclose(a, b)
+
+
+def test_softmax_backend_with_dropout_keeps_padding_out():
+    """Training with attention dropout: outputs at real positions ignore whatever sits in padded keys."""
+    from models.attention.softmax import SoftmaxAttention
+
+    att = SoftmaxAttention(2, 8, attn_dropout=0.1).train()
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[:, 12:] = False
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 12:], v2[:, :, 12:] = 50.0, -50.0
+    torch.manual_seed(3)
+    a = att(q, k, v, mask)
+    torch.manual_seed(3)
+    b = att(q, k2, v2, mask)
+    assert torch.allclose(a[:, :, :12], b[:, :, :12])
+    att.eval()  # no dropout in eval: the fused SDPA path
+    expect = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    assert torch.allclose(att(q, k, v, mask), expect, atol=1e-6)
