@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"classifiers at protocol size: comma list of {','.join(ALL_TASKS)}, 'all' or 'none'")
     p.add_argument("--model-batch", type=int, default=None, help="classifier batch (default: the task's protocol batch)")
     p.add_argument("--model-length", type=int, default=None, help="classifier length (default: the task's max_len)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataModule loader processes for the data-loading rows (the training default is 0)")
     p.add_argument("--model-warmup", type=int, default=1)
     p.add_argument("--model-repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (its worker is killed)")
@@ -145,6 +147,12 @@ def plan(args: argparse.Namespace) -> list[dict]:
                              "spec": _spec(args, workload="model", task=task, n=0, impls=[impl],
                                            warmup=args.model_warmup, repeats=args.model_repeats,
                                            model_batch=args.model_batch, model_length=args.model_length)})
+        for task in args.tasks:  # the DataModule alone, to put beside the step times above
+            impl = {"impl": "ours", "backend": "data", "options": {"num_workers": args.num_workers}}
+            jobs.append({"label": f"{task} data loading", "n": None, "task": task,
+                         "spec": _spec(args, workload="data", task=task, n=0, impls=[impl], memory=False,
+                                       warmup=3, repeats=20, num_workers=args.num_workers,
+                                       model_batch=args.model_batch, model_length=args.model_length)})
     return jobs
 
 
@@ -178,7 +186,7 @@ def execute(jobs: list[dict], args: argparse.Namespace, console: Console) -> lis
                     continue
                 e.update({k: v for k, v in by_impl[(impl["impl"], impl["backend"])].items() if k not in ("impl", "backend")})
                 e["threads"], e["wall_s"] = result.get("threads"), result.get("wall_s")
-                if spec["workload"] == "model":
+                if spec["workload"] in ("model", "data"):
                     e.update(n=result.get("n"), batch=result.get("batch"), tokens=result.get("tokens"))
             bar.advance(task_id)
     return list(entries.values())
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     png = report.plot_layers(record, args.out_dir / f"{stem}.png")
     print(report.layer_table(record))
     for table in (report.ratio_table(record) if args.with_reference else "", report.model_table(record),
-                  report.targets_table(record["targets"])):
+                  report.data_table(record), report.targets_table(record["targets"])):
         if table:
             print("\n" + table)
     _warn_if_loaded(record, console)

@@ -57,6 +57,23 @@ def model_table(record: dict) -> str:
     return "\n".join(rows)
 
 
+def data_table(record: dict) -> str:
+    """Per task: the DataModule's time to hand over one training batch beside the slowest and fastest
+    backend's training step at the same batch and length, as a share of the step."""
+    rows = ["| task | batch x n | loader workers | ms per batch | fastest step ms (backend) | share of that step |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for e in _entries(record, "data"):
+        steps = [(_value(m, "fwdbwd"), m["backend"]) for m in _entries(record, "model") if m["task"] == e["task"]]
+        steps = [s for s in steps if s[0] is not None]
+        load = _value(e, "fwd")
+        fastest = min(steps) if steps else None
+        share = f"{100 * load / fastest[0]:.2f} %" if load is not None and fastest else DASH
+        step = f"{fastest[0]:.1f} ({fastest[1]})" if fastest else DASH
+        workers = e.get("options", {}).get("num_workers", 0)
+        rows.append(f"| {e['task']} | {e.get('batch', '?')} x {e['n']} | {workers} | {_cell(e, 'fwd')} | {step} | {share} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def ratio_table(record: dict) -> str:
     """ours / theirs for time (fwd+bwd, fwd) and memory, per kind and length."""
     rows = ["| kind | n | fwd+bwd ours/theirs | fwd ours/theirs | memory ours/theirs |", "|---|---:|---:|---:|---:|"]

@@ -105,7 +105,12 @@ def run(spec: dict) -> dict:
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    build = layer_workload if spec["workload"] == "layer" else model_workload
+    if spec["workload"] == "data":
+        from lra.bench.data import data_workload
+
+        build = lambda spec_, impl, device_: data_workload(spec_)  # noqa: E731
+    else:
+        build = layer_workload if spec["workload"] == "layer" else model_workload
     out: dict = {"status": "ok", "error": None, "threads": torch.get_num_threads(), "results": []}
     try:
         loads: list[Workload] = [build(spec, impl, device) for impl in spec["impls"]]
