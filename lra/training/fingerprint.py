@@ -11,7 +11,7 @@ computed. Everything else counts (a key nobody listed is identity by default), i
 
 Left out: `seed` (a cell averages seeds), `protocol` (the label is decided by the fingerprint, not claimed),
 paths (`data_dir`, `results_dir`, `ckpt_root`, `run_dir`), logging (`logger`, `progress`,
-`trainer.log_every_n_steps`...), `threads`, `resume`, `skip_done`, `checkpoint_every`, `data.num_workers`,
+`trainer.log_every_n_steps`...), `threads`, `compile`, `resume`, `skip_done`, `checkpoint_every`, `data.num_workers`,
 `data.eval_batch_size` (padding never changes outputs at real positions, so it changes speed only), the
 devices (`trainer.accelerator/devices/num_nodes/strategy`: `data.batch_size` is the global batch, so N
 processes see the examples one does), `trainer.deterministic`, and `attention._target_`/`attention.name`
@@ -33,7 +33,7 @@ from typing import Any
 # Top-level keys that never change what is trained or evaluated.
 EXCLUDED_TOP = frozenset({"seed", "protocol", "data_dir", "results_dir", "ckpt_root", "runs_root", "run_id",
                           "run_dir", "logger", "callbacks", "progress", "resume", "skip_done", "checkpoint_every",
-                          "threads", "hydra"})
+                          "threads", "compile", "hydra"})
 # Keys inside a section that never change what is trained or evaluated.
 EXCLUDED_SUB = {
     "data": frozenset({"num_workers", "eval_batch_size", "_target_", "_partial_"}),

@@ -33,7 +33,7 @@ MAX_BYTES = 64 * 2 ** 20
 # Keys that say where things go or how a run is watched, not what is computed: excluded from config_hash
 # (which names the run: it includes the seed, unlike the fingerprint).
 NON_IDENTITY_KEYS = ("data_dir", "results_dir", "ckpt_root", "runs_root", "run_id", "run_dir", "logger", "callbacks",
-                     "progress", "resume", "skip_done", "checkpoint_every", "threads", "hydra")
+                     "progress", "resume", "skip_done", "checkpoint_every", "threads", "compile", "hydra")
 NON_IDENTITY_SUBKEYS = {"data": ("num_workers",)}
 
 

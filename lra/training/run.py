@@ -139,6 +139,8 @@ def build(cfg: DictConfig, folder: Path | None = None):
                           f"({reader.max_len}); set model.max_len >= task.max_len.")
     _seed_everything(cfg.seed)  # the initial weights
     net = build_net(cfg, reader.vocab_size, reader.num_classes)
+    if cfg.get("compile"):
+        net.compile()  # in place: parameter names, checkpoints and resume are those of the eager network
 
     from lra.training.module import LRAModule
 
