@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.dropout import Dropout
 from models.multihead import MultiHeadAttention
 
 
@@ -33,8 +34,8 @@ class Block(nn.Module):
                                        max_len=cfg.max_len + int(cfg.cls), out_dropout=cfg.dropout,
                                        **attention_kwargs)
         self.norm2 = nn.LayerNorm(cfg.dim)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.ffn_dim, cfg.dim), nn.Dropout(cfg.dropout))
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), Dropout(cfg.dropout),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim), Dropout(cfg.dropout))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask)
@@ -63,7 +64,7 @@ class Encoder(nn.Module):
             nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
             nn.init.normal_(self.pos, std=cfg.embed_init_std)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, attention, attention_kwargs) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         first = self.blocks[0].attn.attn

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models.attention import AttentionConfigError, build_attention, capability
+from models.dropout import Dropout
 
 
 class MultiHeadAttention(nn.Module):
@@ -38,7 +39,7 @@ class MultiHeadAttention(nn.Module):
         self.backend_name = spec.get("name") or getattr(spec["_target_"], "__name__", str(spec.get("_target_")))
         self.attn = build_attention({**spec, **attention_kwargs}, num_heads=num_heads, head_dim=head_dim,
                                     max_len=max_len)
-        self.drop = nn.Dropout(out_dropout)
+        self.drop = Dropout(out_dropout)
 
     def check_length(self, length: int) -> None:
         """Raise AttentionConfigError if the backend cannot take `length` tokens (call at build time)."""
