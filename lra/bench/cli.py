@@ -33,7 +33,6 @@ REFERENCE_OPTIONS = {
     "linformer": {"proj_dim": 256},
     "performer": {"num_features": 256, "kernel": "softmax"},
 }
-ALL_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 
 
 def _csv(cast: Callable[[str], object]) -> Callable[[str], list]:
@@ -66,11 +65,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--tasks", type=_csv(str), default=["listops"],
-                   help=f"classifiers at protocol size: comma list of {','.join(ALL_TASKS)}, 'all' or 'none'")
+                   help="classifiers at protocol size: comma list of tasks (conf/task), 'all' or 'none'")
     p.add_argument("--model-batch", type=int, default=None, help="classifier batch (default: the task's protocol batch)")
     p.add_argument("--model-length", type=int, default=None, help="classifier length (default: the task's max_len)")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataModule loader processes for the data-loading rows (the training default is 0)")
+    p.add_argument("--preset", default="nystromformer",
+                   help="protocol whose preset model the classifier rows time ('none': the default recipe)")
+    p.add_argument("--model-options", type=_csv(str), default=[],
+                   help="attention options for the classifier rows, comma list of KEY=VALUE (e.g. attn_dropout=0)")
     p.add_argument("--model-warmup", type=int, default=1)
     p.add_argument("--model-repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (its worker is killed)")
@@ -88,10 +91,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown backend(s) {unknown}; valid: {', '.join(backends)}")
     if args.with_reference and any(b not in REFERENCE_PACKAGES for b in args.backends):
         p.error(f"--with-reference compares {', '.join(REFERENCE_PACKAGES)} only")
-    args.tasks = [] if args.tasks == ["none"] else list(ALL_TASKS) if args.tasks == ["all"] else args.tasks
-    bad = [t for t in args.tasks if t not in ALL_TASKS]
+    from lra.config import task_names
+
+    all_tasks = task_names()
+    args.tasks = [] if args.tasks == ["none"] else all_tasks if args.tasks == ["all"] else args.tasks
+    bad = [t for t in args.tasks if t not in all_tasks]
+    if any("=" not in kv or not kv.split("=", 1)[0] for kv in args.model_options):
+        p.error(f"--model-options takes KEY=VALUE pairs separated by commas, got {','.join(args.model_options)}")
     if bad:
-        p.error(f"unknown task(s) {bad}; valid: {', '.join(ALL_TASKS)}, all, none")
+        p.error(f"unknown task(s) {bad}; valid: {', '.join(all_tasks)}, all, none")
     return args
 
 
@@ -142,9 +150,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
     if not args.with_reference:
         for task in args.tasks:
             for backend in args.backends:
-                impl = {"impl": "ours", "backend": backend, "options": {}}
+                impl = {"impl": "ours", "backend": backend, "options": dict(kv.split("=", 1) for kv in args.model_options)}
                 jobs.append({"label": f"{task} classifier, {backend}", "n": None, "task": task,
                              "spec": _spec(args, workload="model", task=task, n=0, impls=[impl],
+                                           preset=None if args.preset == "none" else args.preset,
                                            warmup=args.model_warmup, repeats=args.model_repeats,
                                            model_batch=args.model_batch, model_length=args.model_length)})
         for task in args.tasks:  # the DataModule alone, to put beside the step times above
@@ -198,7 +207,7 @@ def _record(args: argparse.Namespace, mode: str, load_before: dict) -> dict:
     settings = {k: getattr(args, k) for k in ("backends", "lengths", "batch", "heads", "head_dim", "dim", "dtype",
                                               "device", "threads", "warmup", "repeats", "timeout", "memory_limit_mb")}
     if mode == "layer":
-        settings.update(tasks=args.tasks, model_warmup=args.model_warmup, model_repeats=args.model_repeats,
+        settings.update(tasks=args.tasks, preset=args.preset, model_options=args.model_options, model_warmup=args.model_warmup, model_repeats=args.model_repeats,
                         model_batch=args.model_batch, model_length=args.model_length)
     if mode == "reference":
         settings["reference_options"] = {b: REFERENCE_OPTIONS[b] for b in args.backends}

@@ -91,13 +91,17 @@ def layer_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
 
 
 def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
-    """The task's classifier (conf/task/<task>.yaml sizes, conf/model defaults) with AdamW."""
+    """The task's classifier with its optimizer: the protocol preset's model (`spec["preset"]`, e.g.
+    nystromformer: conf/experiment/nystromformer/<task>.yaml with the backend's protocol options) or, with
+    no preset, the defaults; batch and length from the task unless `model_batch`/`model_length` say."""
     from hydra.utils import get_class, instantiate
 
     from lra.config import compose
     from lra.training.run import build_net
 
     overrides = [f"task={spec['task']}", f"attention={impl['backend']}"]
+    if spec.get("preset"):  # the published protocol's model for this task and backend (its preset)
+        overrides.append(f"experiment={spec['preset']}/{spec['task']}")
     if spec.get("model_length"):  # a smaller model for quick checks; the protocol size otherwise
         overrides.append(f"task.max_len={spec['model_length']}")
     overrides += [f"attention.{k}={_hydra_value(v)}" for k, v in impl["options"].items()]
