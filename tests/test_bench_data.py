@@ -42,3 +42,16 @@ def test_data_table_gives_the_share_of_the_fastest_step():
                           entry("data", "data", 5.0)]}
     table = report.data_table(record)
     assert "1000.0 (nystrom)" in table and "0.50 %" in table
+
+
+@pytest.mark.parametrize("cuda,cores,expect", [(False, 2, 0), (False, 16, 0), (True, 2, 0), (True, 16, 4), (True, 64, 4)])
+def test_default_num_workers(monkeypatch, cuda, cores, expect):
+    import os
+
+    import torch
+
+    from lra.data.datamodule import default_num_workers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_num_workers() == expect

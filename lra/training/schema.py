@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 OPEN_GROUPS = ("attention", "task", "optimizer", "scheduler", "hydra")
 BUILT_GROUPS = ("logger", "callbacks")  # name -> {_target_: ..., ...} or null
 # Defaults that are null in conf/train.yaml, and what a value must be when it is set.
-NULLABLE = {"threads": int, "run_id": str, "ckpt_root": str, "data.eval_batch_size": int}
+NULLABLE = {"threads": int, "run_id": str, "ckpt_root": str, "data.eval_batch_size": int, "data.num_workers": int}
 MINIMUM = {"seed": 0, "checkpoint_every": 0, "threads": 1, "data.batch_size": 1, "data.eval_batch_size": 1,
            "data.num_workers": 0, "trainer.max_steps": 1, "trainer.val_check_interval": 1}
 # Arguments lra-train passes to what a section's _target_ builds (the task's sizes, the run's data).
