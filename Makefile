@@ -14,7 +14,7 @@ DEMO_DATA ?= data/listops-demo
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install backends tasks demo demo-data check-learning data-check-learning test test-fast bench bench-reference bench-approx install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
+.PHONY: help install backends tasks demo demo-data check-learning data-check-learning test test-fast bench bench-reference bench-approx gpu-check install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
@@ -62,6 +62,9 @@ bench-reference: install-bench ## Ours vs nystrom-attention / linformer / perfor
 
 bench-approx: $(STAMP) ## Nyström / Performer approximation error against exact softmax
 	$(BIN)/lra-bench --threads 2 --approx
+
+gpu-check: $(STAMP) ## On a CUDA machine: kernels fp32/bf16 to n=32k and 200-step ListOps runs per backend, one table (<8 min)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
 
 data-listops: $(STAMP) ## Generate the full LRA-size ListOps set (96k/2k/2k) into data/listops
 	$(BIN)/lra-data generate listops --out data/listops

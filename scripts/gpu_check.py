@@ -116,7 +116,8 @@ def training_rows(backends: list[str], steps: int, tiny: bool, device_type: str)
 
 def render(record: dict) -> str:
     lines = [f"# GPU check: {record['device']} (torch {record['torch']})", "",
-             "## Attention layer, forward+backward, B = 2, 2 heads x 32 (ms / peak MB / speed-up over softmax)", ""]
+             "## Attention layer, forward+backward, B = 2, 2 heads x 32 (ms / peak MB / speed-up over softmax)",
+             "", "Peak MB: allocated CUDA memory above the layer's inputs (on a CPU test run: the process's RSS).", ""]
     lengths = record["lengths"]
     lines += ["| backend | dtype | " + " | ".join(f"n={n}" for n in lengths) + " |",
               "|---|---|" + "---:|" * len(lengths)]
@@ -131,7 +132,8 @@ def render(record: dict) -> str:
                     up = f" / {r['speedup_vs_softmax']}x" if r["speedup_vs_softmax"] else ""
                     cells.append(f"{r['ms']} / {r['mem_mb']}{up}")
             lines.append(f"| {backend} | {dtype} | " + " | ".join(cells) + " |")
-    lines += ["", f"## {record['steps']}-step ListOps training at {record['train_length']} tokens, batch 32 "
+    lines += ["", f"## {record['steps']}-step ListOps training at {record['train_length']} tokens, batch "
+              f"{record['train_batch']} "
               f"({record['train_precision']})", "", "| backend | steps/s | peak MB | params | wall s | status |",
               "|---|---:|---:|---:|---:|---|"]
     for r in record["training"]:
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     record = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (test run)",
               "torch": torch.__version__, "backends": backends, "lengths": lengths, "steps": steps,
-              "train_length": 32 if args.tiny else 2048,
+              "train_length": 32 if args.tiny else 2048, "train_batch": 8 if args.tiny else 32,
               "train_precision": "bf16-mixed" if device.type == "cuda" else "32-true"}
     record["kernels"] = kernel_rows(backends, lengths, device, 2 if args.tiny else args.repeats)
     record["kernel_seconds"] = round(time.perf_counter() - t0, 1)
