@@ -77,11 +77,14 @@ def rows_error(out: torch.Tensor, exact: torch.Tensor, mask: torch.Tensor | None
 def backend_error(spec: dict, options: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None, exact: torch.Tensor, seed: int = 0) -> float:
     """Build the backend of `spec` with `options` at q's length (max_len = that length), run it in eval
-    mode without gradients, return its error. AttentionConfigError (a refused setting) propagates."""
+    mode without gradients, return its error. AttentionConfigError (a refused setting or length)
+    propagates."""
     from models.attention import build_attention
 
     torch.manual_seed(seed)
     att = build_attention({**spec, **options}, num_heads=q.shape[1], head_dim=q.shape[-1], max_len=q.shape[-2])
+    if hasattr(att, "check_length"):  # a length the backend refuses is a refusal too
+        att.check_length(q.shape[-2])
     att = att.to(q.dtype).eval()
     with torch.no_grad():
         return rows_error(att(q, k, v, mask), exact, mask)
