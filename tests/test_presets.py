@@ -179,7 +179,8 @@ def test_departures_table_is_true_of_the_presets():
 
 def test_every_departure_marked_in_the_presets_is_in_the_table():
     listed = {row["Switch for theirs"].strip("`") for row in departures()}
-    files = [CONF_DIR / "protocols" / "nystromformer.yaml", *(CONF_DIR / "protocol_attention" / "nystromformer").glob("*.yaml")]
+    files = [CONF_DIR / "protocols" / "nystromformer.yaml",
+             *(CONF_DIR / "protocol_attention" / "nystromformer").glob("*.yaml")]
     marked = {m for f in files for m in re.findall(r"departure \(a fix\):.*\(([\w.]+=[^)\s]+)\)", f.read_text())}
     assert marked, "the presets mark their departures as `departure (a fix): ... (key=value)`"
     for switch in marked:

@@ -229,4 +229,5 @@ class PerformerAttention(AttentionBackend):
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, kernel={self.kernel}, redraw={self.redraw}, "
-                f"logit_scale={self.logit_scale}, pad_in_normaliser={self.pad_in_normaliser}, feature_eps={self.feature_eps}")
+                f"logit_scale={self.logit_scale}, pad_in_normaliser={self.pad_in_normaliser}, "
+                f"feature_eps={self.feature_eps}")
