@@ -53,7 +53,9 @@ def arms(rows, all_backends: list[str]) -> list[tuple[str, str | None]]:
 
 
 def folder(results: Path, backend: str, switch: str | None) -> Path:
-    return results / backend / ("preset" if switch is None else switch.replace("/", "_"))
+    """RESULTS/<backend>/<arm>; the arm names the switch with `=` as `--` (a path must not hold `=`: it is
+    passed to lra-train as results_dir=PATH)."""
+    return results / backend / ("preset" if switch is None else switch.replace("=", "--").replace("/", "_"))
 
 
 def summary(results: Path, rows, all_backends: list[str]) -> str:

@@ -202,3 +202,4 @@ def test_departure_measurement_plan_covers_every_switch(tmp_path: Path):
         assert mine[0] is None and len(mine) == len(set(mine))  # the preset first, each switch once
     assert switches == {s for _, s in plan if s is not None}
     assert "| nystrom | preset (ours) | — | — | — |" in md.summary(tmp_path, rows, ["nystrom"])
+    assert all("=" not in str(md.folder(tmp_path, b, s)) for b, s in plan)  # results_dir=PATH must parse
