@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blocked_reference import DH, H, assert_matches_dense, assert_no_length_squared
+from lra.testing.contract import CHECKS, backend_spec
 from models.attention.base import AttentionConfigError
 from models.attention.bigbird import BigBirdAttention
 
@@ -91,3 +92,12 @@ def test_bad_options_refused_at_build(opts):
 @pytest.mark.parametrize("opts", [{}, {"block_size": 16, "num_random_blocks": 2}])
 def test_nothing_length_squared(opts):
     assert_no_length_squared(BigBirdAttention(H, DH, **opts), 600, [600])
+
+
+SMALL = [{"block_size": 3, "num_random_blocks": 2}, {"block_size": 2, "num_random_blocks": 1}]  # the yaml defaults are one block at the contract's length 22; these are not
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("opts", SMALL, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_contract_with_small_blocks(opts, check):
+    check(backend_spec("bigbird") | opts)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blocked_reference import B, DH, H, assert_matches_dense, assert_no_length_squared, padding_mask
+from lra.testing.contract import CHECKS, backend_spec
 from models.attention.base import AttentionConfigError
 from models.attention.local import LocalAttention
 
@@ -61,3 +62,12 @@ def test_bad_options_refused_at_build(opts):
 @pytest.mark.parametrize("opts", [{}, {"block_size": 16, "look_back": 1, "look_ahead": 1}])
 def test_nothing_length_squared(opts):
     assert_no_length_squared(LocalAttention(H, DH, **opts), 600, [600])
+
+
+SMALL = [{"block_size": 4}, {"block_size": 5, "look_back": 1}, {"block_size": 3, "look_back": 1, "look_ahead": 1}]  # the yaml defaults are one block at the contract's length 22; these are not
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("opts", SMALL, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_contract_with_small_blocks(opts, check):
+    check(backend_spec("local") | opts)

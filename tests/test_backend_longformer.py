@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blocked_reference import DH, H, assert_matches_dense, assert_no_length_squared
+from lra.testing.contract import CHECKS, backend_spec
 from models.attention.base import AttentionConfigError
 from models.attention.longformer import LongformerAttention
 
@@ -61,3 +62,12 @@ def test_bad_options_refused_at_build(opts):
 @pytest.mark.parametrize("opts", [{"window": 128, "num_global": 2}, {"window": 33}])
 def test_nothing_length_squared(opts):
     assert_no_length_squared(LongformerAttention(H, DH, **opts), 600, [600])
+
+
+SMALL = [{"window": 5, "num_global": 2}, {"window": 8}]  # the yaml defaults are one block at the contract's length 22; these are not
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("opts", SMALL, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_contract_with_small_blocks(opts, check):
+    check(backend_spec("longformer") | opts)

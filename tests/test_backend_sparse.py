@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blocked_reference import DH, H, assert_matches_dense, assert_no_length_squared, dense_masked_attention
+from lra.testing.contract import CHECKS, backend_spec
 from models.attention.base import AttentionConfigError
 from models.attention.sparse import SparseAttention
 
@@ -71,3 +72,12 @@ def test_bad_options_refused_at_build(opts):
 @pytest.mark.parametrize("opts", [{}, {"block_size": 25, "summary": 2, "causal": True}])
 def test_nothing_length_squared(opts):
     assert_no_length_squared(SparseAttention(H, DH, **opts), 600, [600])
+
+
+SMALL = [{"block_size": 4, "summary": 1}, {"block_size": 2, "summary": 1, "causal": True}]  # the yaml defaults are one block at the contract's length 22; these are not
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("opts", SMALL, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_contract_with_small_blocks(opts, check):
+    check(backend_spec("sparse") | opts)
