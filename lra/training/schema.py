@@ -290,7 +290,7 @@ def check_overrides(overrides: list[str]) -> None:
     ref = _train_yaml()
     groups = {next(iter(d)) if isinstance(d, dict) else str(d) for d in OmegaConf.to_container(ref.defaults)}
     top = {str(k) for k in ref.keys() if k != "defaults"} | {"model", "trainer", *OPEN_GROUPS, *BUILT_GROUPS} \
-        | {g.split("@")[0] for g in groups if not g.startswith(("override ", "_self_"))}
+        | {g.removeprefix("optional ").split("@")[0] for g in groups if not g.startswith(("override ", "_self_"))}
     for arg in overrides:
         key, eq, _ = arg.partition("=")
         if not eq or arg.startswith(("-", "+", "~")) or "/" in key or "@" in key:
