@@ -213,18 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"lra-check-attention: error: --config-dir {missing[0]} is not a folder.", file=sys.stderr)
         return 2
-    if args.config_dir:
-        from lra.config import ConfigPathError, check_no_shadowing, user_searchpath
+    try:
+        if args.config_dir:  # added to LRA_CONFIG_PATH's folders (a searchpath override replaces them)
+            from lra.config import check_no_shadowing, user_searchpath
 
-        try:
             for d in args.config_dir:
                 check_no_shadowing(d)
-        except ConfigPathError as err:
-            print(f"lra-check-attention: error: {err}", file=sys.stderr)
-            return 2
-        dirs = [*user_searchpath(), *(f"file://{d.resolve()}" for d in args.config_dir)]
-        overrides.append(f"hydra.searchpath=[{','.join(dirs)}]")
-    try:
+            dirs = [*user_searchpath(), *(f"file://{d.resolve()}" for d in args.config_dir)]
+            overrides.append("hydra.searchpath=[" + ",".join(f"'{d}'" for d in dirs) + "]")
         spec = backend_spec(args.name, overrides)
         _cls(spec)
     except Exception as err:  # noqa: BLE001 - a config or import problem: one paragraph, no traceback

@@ -23,7 +23,6 @@ from models.attention.base import AttentionBackend, AttentionConfigError
 
 # What a backend that does not say otherwise is assumed to do (class attributes of AttentionBackend).
 CAPABILITY_DEFAULTS: dict[str, Any] = {"supports_padding_mask": True, "needs_max_len": False, "mixed_precision": None}
-RESERVED_KEYS = ("_target_", "name")
 
 
 def _where(name: str | None, target: str) -> str:
