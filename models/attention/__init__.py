@@ -21,8 +21,6 @@ from torch import nn
 
 from models.attention.base import AttentionBackend, AttentionConfigError
 
-# What a backend that does not say otherwise is assumed to do (class attributes of AttentionBackend).
-CAPABILITY_DEFAULTS: dict[str, Any] = {"supports_padding_mask": True, "needs_max_len": False, "mixed_precision": None}
 
 
 def _where(name: str | None, target: str) -> str:
@@ -64,8 +62,9 @@ def backend_class(target: str | type, name: str | None = None) -> type[nn.Module
 
 
 def capability(backend: nn.Module | type, flag: str) -> Any:
-    """A capability flag of a backend class or instance, with the contract's default when it has none."""
-    return getattr(backend, flag, CAPABILITY_DEFAULTS[flag])
+    """A capability flag of a backend class or instance; one it does not set (a plain nn.Module) has the
+    default AttentionBackend declares, so the defaults are written once, in base.py."""
+    return getattr(backend, flag, getattr(AttentionBackend, flag))
 
 
 def split_spec(spec: Mapping[str, Any]) -> tuple[str | None, Any, dict[str, Any]]:
@@ -132,5 +131,5 @@ def build_attention(
     return backend
 
 
-__all__ = ["AttentionBackend", "AttentionConfigError", "CAPABILITY_DEFAULTS", "backend_class", "build_attention",
+__all__ = ["AttentionBackend", "AttentionConfigError", "backend_class", "build_attention",
            "capability", "split_spec"]
