@@ -78,3 +78,10 @@ def test_bf16_autocast_runs_softmax_in_fp32(mode):
         out = attn(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_capability_note_is_declared():
+    """The logits are L x max_len by design; the class says so (the no-L x L contract check reads it)."""
+    assert SynthesizerAttention.quadratic_memory and SynthesizerAttention.needs_max_len
+    attn = SynthesizerAttention(H, DH, MAX_LEN, mode="dense")
+    assert attn.synthetic_logits(torch.randn(B, H, L, DH)).shape == (B, H, L, L)
