@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from lra.config import attention_spec, backend_names
 from lra.testing.contract import B, CHECKS, DH, H, L, LENGTHS, MAX_LEN, make_qkv, padding_mask
-from models.attention import AttentionConfigError, backend_class, build_attention
+from models.attention import AttentionConfigError, backend_class, build_attention, capability
 from models.attention.linformer import LinformerAttention
 from models.attention.nystrom import depthwise_seq_conv, nystrom_attention
 from models.attention.performer import RELU_EPS, performer_attention
@@ -248,7 +248,7 @@ def test_linformer_matches_plain_formula_on_shorter_input():
 
 def _quadratic(name: str) -> bool:
     """The class declares quadratic_memory = True: L x L by design (a synthesizer's logits are L x max_len)."""
-    return bool(getattr(backend_class(spec(name)["_target_"]), "quadratic_memory", False))
+    return bool(capability(backend_class(spec(name)["_target_"]), "quadratic_memory"))
 
 
 SUBQUADRATIC = [(case, i) for case, i in zip(CASES, CASE_IDS) if not _quadratic(case[0])]

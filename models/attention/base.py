@@ -39,6 +39,8 @@ class AttentionBackend(nn.Module):
         else is there (Reformer): the exact attention it approximates is that one, not softmax(q kᵀ).
       approx_fixed_options: options the approximation report sets because they add something that is
         not part of the approximation (Nyström's convolution skip on V).
+      quadratic_memory: the method holds L x L (or L x max_len) tensors by design (a Synthesizer's
+        logits); the contract's no-L x L check does not apply to it.
     `exact_options(length)` gives the options under which the backend computes its exact target.
     `name` is only used in messages; the harness names a backend by its yaml file.
     """
@@ -50,6 +52,7 @@ class AttentionBackend(nn.Module):
     approximates_softmax: ClassVar[bool] = False
     shared_qk: ClassVar[bool] = False
     approx_fixed_options: ClassVar[dict[str, Any]] = {}
+    quadratic_memory: ClassVar[bool] = False
 
     @classmethod
     def exact_options(cls, length: int) -> dict[str, Any] | None:
