@@ -15,7 +15,8 @@ def build_model(*, head: str, vocab_size: int, num_classes: int, max_len: int, a
     """`attention` is the backend's spec (the composed cfg.attention): {"_target_": "pkg.module.Class",
     "name": <its yaml's name>, **options}; only the options reach the backend's constructor.
 
-    pooling: mean (real tokens) | mean_padded (the authors' divide-by-padded-length) | cls.
+    pooling: mean (real tokens) | mean_padded (the authors' divide-by-padded-length) | cls | mean_pos (mean +
+    a learned weight per position).
     embed_init_std: None = nn.Embedding's N(0, 1) for tokens (positions N(0, 0.02)); a float = both N(0, std).
     head_hidden: the classifier MLP's hidden width (None = dim); head_activation: gelu | relu."""
     if head not in HEADS:

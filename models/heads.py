@@ -6,21 +6,27 @@ from torch import nn
 
 from models.encoder import Encoder
 
-POOLINGS = ("mean", "mean_padded", "cls")
+POOLINGS = ("mean", "mean_padded", "cls", "mean_pos")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def pool(states: torch.Tensor, mask: torch.Tensor, mode: str, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L, dim) states, (B, L) mask (True = real token) -> (B, dim).
 
     `mean` averages the real tokens; `cls` takes position 0; `mean_padded` sums the real tokens and
     divides by the padded length L (the Nyströmformer authors' code: a defect, kept only as a switch:
-    a short sequence's pooled vector shrinks with the padding)."""
+    a short sequence's pooled vector shrinks with the padding). `mean_pos` is `mean` plus
+    sum_l pos_weight[l] * states[:, l] over the real tokens: a learned weight per position (`pos_weight`,
+    (max_len,), zero at the start), a linear path from any one position to the head that does not pass
+    through a softmax over all positions."""
     if mode == "cls":
         return states[:, 0]
     m = mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
-    if mode == "mean":
-        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if mode in ("mean", "mean_pos"):
+        pooled = (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if mode == "mean_pos":
+            pooled = pooled + (states * m * pos_weight[: states.shape[1], None]).sum(1)  # weights (L, 1)
+        return pooled
     if mode == "mean_padded":
         return (states * m).sum(1) / states.shape[1]
     raise ValueError(f"unknown pooling '{mode}'; valid: {', '.join(POOLINGS)}")
@@ -33,6 +39,11 @@ def classifier_mlp(in_dim: int, hidden: int, num_classes: int, activation: str) 
     return nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, num_classes))
 
 
+def _pos_weight(encoder: Encoder, pooling: str) -> nn.Parameter | None:
+    """`mean_pos` pooling's learned per-position weights (max_len,), zero at the start (= plain mean)."""
+    return nn.Parameter(torch.zeros(encoder.cfg.max_len)) if pooling == "mean_pos" else None
+
+
 class SequenceClassifier(nn.Module):
     """Encoder -> pooled vector -> Linear/activation/Linear logits. `hidden` None = the model dim."""
 
@@ -42,10 +53,11 @@ class SequenceClassifier(nn.Module):
         dim = encoder.cfg.dim
         self.encoder, self.pooling = encoder, pooling
         self.mlp = classifier_mlp(dim, hidden or dim, num_classes, activation)
+        self.pos_weight = _pos_weight(encoder, pooling)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         states, mask = self.encoder(batch["input_ids"], batch["mask"])
-        return self.mlp(pool(states, mask, self.pooling))
+        return self.mlp(pool(states, mask, self.pooling, self.pos_weight))
 
 
 class DualClassifier(nn.Module):
@@ -58,13 +70,14 @@ class DualClassifier(nn.Module):
         dim = encoder.cfg.dim
         self.encoder, self.pooling = encoder, pooling
         self.mlp = classifier_mlp(4 * dim, hidden or dim, num_classes, activation)
+        self.pos_weight = _pos_weight(encoder, pooling)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         B = batch["input_ids"].shape[0]
         ids = torch.cat([batch["input_ids"], batch["input_ids2"]])  # (2B, L): both towers in one pass
         mask = torch.cat([batch["mask"], batch["mask2"]])
         states, mask = self.encoder(ids, mask)
-        pooled = pool(states, mask, self.pooling)
+        pooled = pool(states, mask, self.pooling, self.pos_weight)
         u, v = pooled[:B], pooled[B:]
         return self.mlp(torch.cat([u, v, u * v, u - v], dim=-1))
 

@@ -132,25 +132,19 @@ def render_table(rows: list[Row], title: str, margin: float = PLATEAU_MARGIN) ->
 
 def discovered_backends() -> list[str]:
     """Backend names as conf/ (and the Hydra searchpath) define them."""
-    from lra import config
+    from lra.config import backend_names
 
-    names = getattr(config, "backend_names", None)
-    if names is not None:
-        return list(names())
-    return sorted(p.stem for p in (config.CONF_DIR / "attention").glob("*.yaml"))
+    return backend_names()
 
 
 def protocol_backends(protocol: str) -> list[str]:
-    """The backends a protocol compares: the files of conf/protocol_attention/<protocol>/ (the Nyströmformer
-    paper's four for `nystromformer`)."""
-    from lra.config import CONF_DIR
+    """The backends a protocol compares (lra.config.protocol_backends: conf/protocol_attention/<protocol>/)."""
+    from lra import config
 
-    folder = CONF_DIR / "protocol_attention" / protocol
-    names = sorted(p.stem for p in folder.glob("*.yaml"))
-    if not names:
-        raise CheckError(f"--protocol-backends {protocol}: {folder} holds no backend files; pass a protocol that "
-                         "has one (ls conf/protocol_attention/) or list them with --backends.")
-    return names
+    if not config.group_options(f"protocol_attention/{protocol}"):
+        raise CheckError(f"--protocol-backends {protocol}: there is no conf/protocol_attention/{protocol}/ "
+                         "(ls conf/protocol_attention/); pass another protocol or list backends with --backends.")
+    return config.protocol_backends(protocol)
 
 
 def _csv(text: str) -> list[str]:
