@@ -146,6 +146,9 @@ def _comparison_section(board: Leaderboard, section: str, source: PublishedSourc
                     + [_published_cell(row, t, c.mean if c else None) for t, c in cells.items()]
                     + [_published_avg(row, avg, present)])
         ran = next((c.attention_options() for c in cells.values() if c is not None and c.runs), {})
+        if row.avg_note and (avg is None or len(present) == len(AVG_TASKS)):  # the printed average is shown
+            body[-1][-1] += " †"
+            notes.append(f"- † {md(r.backend)}: {row.avg_note}; the Avg above is what the paper printed.")
         if row.ran:
             notes.append(f"- {md(r.backend)}: the paper's {row.paper_name} ran {row.ran}; ours ran the preset's "
                          f"{md(_options(ran))}: {_like_for_like(row, ran)}.")
