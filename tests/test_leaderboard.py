@@ -15,7 +15,7 @@ from leaderboard_records import acc_table, md_tables, write_record
 from lra import leaderboard
 from lra.config import backend_names
 from lra.leaderboard.load import load_records
-from lra.leaderboard.plot import panels
+from lra.leaderboard.plot import _short_labels, panels
 from lra.leaderboard.table import TEXT_NOTE, build_leaderboard, like_for_like
 from lra.published import AVG_TASKS, NYSTROMFORMER_PAPER, SOURCES, PublishedRow
 from lra.training.fingerprint import preset_settings
@@ -263,6 +263,11 @@ def test_png_and_plot_panels(tmp_path):
     board = build_leaderboard(load_records([runs])[0])
     assert [n for n, _ in panels(board, "nystromformer")] == ["ListOps", "Text (val = test)", "Retrieval",
                                                               "Image", "Pathfinder"]
+
+
+def test_plot_labels_mark_rows_whose_settings_differ():
+    labels = ["a", "a [x=1]", "a [x=2]", "b [y=$1]"]
+    assert _short_labels(labels) == {"a": "a", "a [x=1]": "a*1", "a [x=2]": "a*2", "b [y=$1]": "b*"}
 
 
 def test_outputs_inside_the_record_folder_are_not_read_back(tmp_path, capsys, monkeypatch):

@@ -31,6 +31,18 @@ class Point:
     peak_memory_mb: float | None  # marker size
 
 
+def _short_labels(labels: Sequence[str]) -> dict[str, str]:
+    """Point labels: the backend's name, `*` when its settings differ from the preset, numbered (`*1`, `*2`)
+    when one panel holds several variants of a backend; the full row label is in the markdown."""
+    out: dict[str, str] = {}
+    for label in labels:
+        backend = label.split(" [", 1)[0]
+        variants = [x for x in labels if x.split(" [", 1)[0] == backend and " [" in x]
+        star = "" if " [" not in label else "*" if len(variants) == 1 else f"*{variants.index(label) + 1}"
+        out[label] = _text(backend, 30) + star
+    return out
+
+
 def panels(board: Leaderboard, protocol: str) -> list[tuple[str, list[Point]]]:
     """One panel of 5-task averages when every row has all five tasks, else one panel per task.
 
@@ -88,12 +100,13 @@ def render_png(board: Leaderboard) -> bytes:
                 continue
             protocol, (name, points) = row[c]
             placed = [pt for pt in points if pt.steps_per_second is not None]
+            short = _short_labels([pt.backend for pt in points])
             for pt in placed:
                 size = 40 + 500 * (pt.peak_memory_mb or 0) / max_mem
                 ax.scatter(pt.steps_per_second, pt.acc, s=size, color=colors[pt.backend], alpha=0.6,
                            edgecolors="black", linewidths=0.5)
                 mem = "" if pt.peak_memory_mb is None else f"\n{pt.peak_memory_mb:,.0f} MB"
-                label = "\n[".join(_text(part, 36) for part in pt.backend.split(" [", 1))  # variant on line 2
+                label = short[pt.backend]
                 ax.annotate(label + mem, (pt.steps_per_second, pt.acc), textcoords="offset points",
                             xytext=(6, 6), fontsize=8)
             unplaced = len(points) - len(placed)
@@ -102,7 +115,10 @@ def render_png(board: Leaderboard) -> bytes:
             ax.set_ylabel(("avg " if name.startswith("Avg") else "") + "test accuracy (%)")
             ax.margins(0.25)
             ax.grid(alpha=0.3)
-    fig.suptitle("Accuracy against training speed (marker area ~ peak memory)", fontsize=10)
+    marked = any(" [" in pt.backend for pt in all_points)
+    fig.suptitle("Accuracy against training speed (marker area ~ peak memory)" + (
+        "\n* = settings differ from the preset (the row labels in LEADERBOARD.md say how)" if marked else ""),
+        fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
