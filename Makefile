@@ -84,13 +84,16 @@ clean: ## Remove generated data, run folders (checkpoints, logs) and run records
 # ---- published tables ------------------------------------------------------------------------------
 # `make -n reproduce-nystromformer` prints the exact commands. Data: data/<task> (raw or prepared; see
 # README "Getting the data"); each target checks it first and says how to get what is missing.
-# The backends a protocol's targets loop over: BACKENDS="a b" if given, else discovered once per protocol
-# by `python -m lra.config backends --protocol P`: the files of conf/protocol_attention/P/ when it has
-# any (the Nyströmformer paper's four), else every backend conf/ (and LRA_CONFIG_PATH) defines.
+# The backends a protocol's targets loop over: BACKENDS="a b" if given, else asked once per protocol:
+# reproduce-<protocol> runs every backend its paper's table has a row for (`python -m lra.published P`,
+# from lra/published.py); mini-lra the files of conf/protocol_attention/mini/ or every discovered backend
+# (`python -m lra.config backends --protocol mini`).
 BACKENDS ?=
 backends_for = $(or $(BACKENDS),$(_backends_$(1)),$(eval _backends_$(1) := $(or $(shell $(BIN)/python -m lra.config \
 	backends --protocol $(1) 2>/dev/null),$(error `$(BIN)/python -m lra.config backends --protocol $(1)` failed; \
 	run `make install`, or set BACKENDS="a b")))$(_backends_$(1)))
+published_for = $(or $(BACKENDS),$(_published_$(1)),$(eval _published_$(1) := $(or $(shell $(BIN)/python -m lra.published \
+	$(1)),$(error `$(BIN)/python -m lra.published $(1)` failed; run `make install`, or set BACKENDS="a b")))$(_published_$(1)))
 SEEDS ?= 0
 TRAIN_ARGS ?=
 LRA_TASKS := listops text retrieval image pathfinder
@@ -98,20 +101,20 @@ LRA_TASKS := listops text retrieval image pathfinder
 # options) is in conf/experiment/<protocol>/<task>.yaml, conf/protocols/ and conf/protocol_attention/.
 define reproduce_task
 	$(BIN)/lra-data check $(2) --data-dir data/$(2)
-	$(foreach b,$(call backends_for,$(1)),$(BIN)/lra-train -m experiment=$(1)/$(2) attention=$(b) seed=$(SEEDS) data_dir=data/$(2) $(TRAIN_ARGS)
+	$(foreach b,$(call published_for,$(1)),$(BIN)/lra-train -m experiment=$(1)/$(2) attention=$(b) seed=$(SEEDS) data_dir=data/$(2) $(TRAIN_ARGS)
 	)
 endef
 
 .PHONY: reproduce-nystromformer reproduce-lra $(addprefix reproduce-,$(LRA_TASKS))
-reproduce-nystromformer: $(STAMP) ## Nyströmformer paper's LRA table: 5 tasks x its backends (conf/protocol_attention/nystromformer/; SEEDS=0,1,2 for more seeds)
+reproduce-nystromformer: $(STAMP) ## Nyströmformer paper's LRA table: 5 tasks x the backends it has rows for (SEEDS=0,1,2 for more seeds)
 	$(foreach t,$(LRA_TASKS),$(call reproduce_task,nystromformer,$(t)))
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 
-reproduce-lra: $(STAMP) ## LRA paper's table (its per-task model sizes), Path-X included, every discovered backend
+reproduce-lra: $(STAMP) ## LRA paper's table (its per-task model sizes), Path-X included, x the backends it has rows for
 	$(foreach t,$(LRA_TASKS) pathx,$(call reproduce_task,lra,$(t)))
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 
-reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-pathfinder: reproduce-%: $(STAMP) ## One task of the Nyströmformer table, its backends (e.g. make reproduce-listops)
+reproduce-listops reproduce-text reproduce-retrieval reproduce-image reproduce-pathfinder: reproduce-%: $(STAMP) ## One task of the Nyströmformer table, the backends it has rows for (e.g. make reproduce-listops)
 	$(call reproduce_task,nystromformer,$*)
 	$(BIN)/lra-leaderboard results/runs --out results/LEADERBOARD.md
 

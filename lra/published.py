@@ -102,3 +102,39 @@ def published_backends() -> list[str]:
     for source in SOURCES:
         out += [r.backend for r in source.rows if r.backend not in out]
     return out
+
+
+def protocol_backends(protocol: str) -> list[str]:
+    """The backends some paper following `protocol` has a row for, in its table's order (the default
+    backends of `make reproduce-<protocol>`). An unknown protocol raises ValueError naming the known ones."""
+    sources = [s for s in SOURCES if s.protocol == protocol]
+    if not sources:
+        known = sorted({s.protocol for s in SOURCES})
+        raise ValueError(f"no published table follows protocol '{protocol}'; the papers in lra/published.py follow "
+                         f"{', '.join(known)} (a protocol of conf/protocols/ without a published table has no "
+                         "default backends: give BACKENDS=\"a b\").")
+    out: list[str] = []
+    for source in sources:
+        out += [r.backend for r in source.rows if r.backend not in out]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lra.published PROTOCOL`: the backends with a published row for PROTOCOL, one line."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m lra.published",
+                                description="Print the backends a protocol's published table has rows for.")
+    p.add_argument("protocol", help="a protocol of conf/protocols/ (e.g. lra, nystromformer)")
+    args = p.parse_args(argv)
+    try:
+        print(" ".join(protocol_backends(args.protocol)))
+    except ValueError as err:
+        print(f"python -m lra.published: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from lra.config import CONF_DIR, backend_names, compose
+from lra.published import SOURCES, protocol_backends
 from lra.training.fingerprint import fingerprint_of, fingerprint_settings, preset_config
 from lra.training.records import config_hash
 from models.classifier import build_model
@@ -75,15 +76,34 @@ def test_nystromformer_preset_pins_every_setting(task: str):
     assert "max_len" in own["task"] and "precision" in base
 
 
+def _task_files(protocol: str, backend: str) -> dict[str, dict]:
+    """task -> the `attention:` block of conf/protocol_attention/<protocol>/tasks/<task>/<backend>.yaml."""
+    root = CONF_DIR / "protocol_attention" / protocol / "tasks"
+    return {f.parent.name: _raw(f) for f in root.glob(f"*/{backend}.yaml")}
+
+
 @pytest.mark.parametrize("protocol,backend", PRESET_BACKENDS)
 def test_backend_preset_files_pin_every_option(protocol: str, backend: str):
+    """A preset file holds an `attention:` block pinning every option; where the protocol's configs differ
+    per task, its defaults list adds tasks/<task>/<backend>.yaml, which changes only options it pins."""
     raw = _raw(CONF_DIR / "protocol_attention" / protocol / f"{backend}.yaml")
-    assert set(raw) == {"attention"}, "a backend preset file holds only an `attention:` block"
-    cfg = compose([f"experiment={protocol}/listops", f"attention={backend}"])
-    options = set(cfg.attention) - {"name", "_target_"}
-    assert options <= set(raw["attention"]), f"unpinned: {sorted(options - set(raw['attention']))}"
-    for key, value in raw["attention"].items():
-        assert cfg.attention[key] == value
+    assert set(raw) <= {"attention", "defaults"} and "attention" in raw, \
+        "a backend preset file holds an `attention:` block (and a defaults list for per-task files)"
+    per_task = _task_files(protocol, backend)
+    if "defaults" in raw:
+        assert raw["defaults"] == ["_self_", {f"optional /protocol_attention/{protocol}/tasks": f"${{task}}/{backend}"}]
+    else:
+        assert not per_task, f"tasks/*/{backend}.yaml exist but {backend}.yaml does not list them"
+    tasks = sorted(p.stem for p in (CONF_DIR / "experiment" / protocol).glob("*.yaml"))
+    assert set(per_task) <= set(tasks), f"per-task files for tasks {protocol} does not have: {set(per_task) - set(tasks)}"
+    for task in tasks:
+        cfg = compose([f"experiment={protocol}/{task}", f"attention={backend}"])
+        options = set(cfg.attention) - {"name", "_target_"}
+        assert options <= set(raw["attention"]), f"unpinned: {sorted(options - set(raw['attention']))}"
+        own = per_task.get(task, {})
+        assert set(own) <= {"attention"} and set(own.get("attention", {})) <= set(raw["attention"])
+        for key, value in {**raw["attention"], **own.get("attention", {})}.items():
+            assert cfg.attention[key] == value, (task, key)
 
 
 def test_a_backend_without_a_preset_file_runs_with_its_defaults():
@@ -95,9 +115,25 @@ def test_a_backend_without_a_preset_file_runs_with_its_defaults():
             assert cfg.attention == compose([f"attention={backend}"]).attention
 
 
-def _make_commands(target: str) -> list[str]:
+def _tasks(protocol: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiment" / protocol).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("protocol,backend", sorted({(s.protocol, r.backend) for s in SOURCES for r in s.rows}))
+def test_every_published_backend_has_a_preset_that_builds_for_every_task(protocol: str, backend: str):
+    """A backend some paper has a row for is discovered, and `experiment=<protocol>/<task> attention=<it>`
+    composes and builds for every task of that protocol (at a short length: only the options are checked)."""
+    assert backend in backend_names(), (f"lra/published.py has a {protocol} row for '{backend}', but no "
+                                        f"attention/{backend}.yaml is discovered")
+    for task in _tasks(protocol):
+        cfg = compose([f"experiment={protocol}/{task}", f"attention={backend}"])
+        assert cfg.protocol == protocol and cfg.attention.name == backend
+        preset_net(compose([f"experiment={protocol}/{task}", f"attention={backend}", "task.max_len=64", "model.depth=1"]))
+
+
+def _make_commands(target: str, *args: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
-    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"STAMP={ROOT / 'pyproject.toml'}"],
+    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"STAMP={ROOT / 'pyproject.toml'}", *args],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=env).stdout
     return [line.split(" -m ", 1)[1].split() for line in out.splitlines() if "lra-train -m" in line]
 
@@ -114,11 +150,37 @@ def test_make_reproduce_only_loops_and_its_runs_are_the_presets(target: str, pro
         att = next(a for a in args if a.startswith("attention="))
         seed = next(a for a in args if a.startswith("seed="))
         # the run's fingerprint is the preset's own (and so is its config hash, hence its run id)
-        assert config_hash(compose(args)) == config_hash(compose([exp, att, seed]))
-        config = OmegaConf.to_container(compose(args), resolve=True)
+        composed = compose(args)
+        assert config_hash(composed) == config_hash(compose([exp, att, seed]))
+        config = OmegaConf.to_container(composed, resolve=True)
         task, backend = exp.split("/", 1)[1], att.split("=", 1)[1]
         assert fingerprint_of(fingerprint_settings(config, backend)) == \
             fingerprint_of(fingerprint_settings(preset_config(protocol, task, backend), backend))
+
+
+@pytest.mark.parametrize("protocol", sorted({s.protocol for s in SOURCES}))
+def test_make_reproduce_runs_every_published_backend_on_every_task(protocol: str):
+    """`make -n reproduce-<protocol>` prints one lra-train per task of the protocol and backend with a
+    published row (python -m lra.published); BACKENDS= narrows it."""
+    published = protocol_backends(protocol)
+    assert {r.backend for s in SOURCES if s.protocol == protocol for r in s.rows} == set(published)
+    runs: dict[str, list[str]] = {}
+    for args in _make_commands(f"reproduce-{protocol}"):
+        opts = dict(a.split("=", 1) for a in args)
+        runs.setdefault(opts["experiment"].split("/", 1)[1], []).append(opts["attention"])
+    assert runs == {task: published for task in _tasks(protocol)}
+    narrowed = {dict(a.split("=", 1) for a in args)["attention"]
+                for args in _make_commands(f"reproduce-{protocol}", f"BACKENDS={published[-1]}")}
+    assert narrowed == {published[-1]}
+
+
+def test_published_backends_cli(capsys):
+    from lra.published import main
+
+    for protocol in sorted({s.protocol for s in SOURCES}):
+        assert main([protocol]) == 0 and capsys.readouterr().out.split() == protocol_backends(protocol)
+    assert main(["no-such-protocol"]) == 2
+    assert "no published table follows protocol 'no-such-protocol'" in capsys.readouterr().err
 
 
 def test_sweep_gives_each_backend_its_protocol_options(tmp_path: Path, listops_dir: Path):
