@@ -60,7 +60,7 @@ bench: $(STAMP) ## Attention efficiency on an idle machine -> results/bench/cpu-
 bench-reference: install-bench ## Ours vs nystrom-attention / linformer / performer-pytorch (ours/theirs ratios)
 	$(BIN)/lra-bench --threads 2 --with-reference
 
-bench-approx: $(STAMP) ## Nyström / Performer approximation error against exact softmax
+bench-approx: $(STAMP) ## Approximation error against exact softmax of every backend that approximates it
 	$(BIN)/lra-bench --threads 2 --approx
 
 gpu-check: $(STAMP) ## On a CUDA machine: kernels fp32/bf16 to n=32k and 200-step ListOps runs per backend, one table (<8 min)
