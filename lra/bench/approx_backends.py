@@ -29,12 +29,12 @@ FAMILIES = ("random", "structured")
 def approximating_backends(overrides: list[str] | None = None) -> dict[str, dict]:
     """{name: composed spec} of every discovered backend whose class approximates softmax."""
     from lra.config import attention_spec, backend_names
-    from models.attention import backend_class
+    from models.attention import backend_class, capability
 
     out = {}
     for name in backend_names(overrides):
         spec = attention_spec(name, overrides)
-        if getattr(backend_class(spec["_target_"], name), "approximates_softmax", False):
+        if capability(backend_class(spec["_target_"], name), "approximates_softmax"):
             out[name] = spec
     return out
 
@@ -93,17 +93,16 @@ def backend_error(spec: dict, options: dict, q: torch.Tensor, k: torch.Tensor, v
 def settings(spec: dict, n: int) -> list[tuple[str, dict]]:
     """(label, options) rows of one backend: 'default', each sweep value of its main option, and 'exact'
     when the class has an exact setting at length n."""
-    from models.attention import backend_class
+    from models.attention import backend_class, capability
 
     cls = backend_class(spec["_target_"], spec.get("name"))
-    fixed = dict(getattr(cls, "approx_fixed_options", {}))
+    fixed = dict(capability(cls, "approx_fixed_options"))
     main = main_option(spec)
     out = [("default" + (f" ({main[0]}={main[1]})" if main else ""), fixed)]
     if main:
         key, default = main
         out += [(f"{key}={val}", {**fixed, key: val}) for val in sweep_values(default) if val != default]
-    exact = getattr(cls, "exact_options", None)
-    exact = exact(n) if exact else None
+    exact = capability(cls, "exact_options")(n)
     if exact is not None:
         out.append(("exact: " + ", ".join(f"{k}={v}" for k, v in exact.items()), {**fixed, **exact}))
     return out
@@ -114,8 +113,8 @@ def run_backends_approx(n: int, heads: int, head_dim: int, dtype: torch.dtype,
                         progress: Callable[[], object] | None = None) -> list[dict]:
     """One row per (backend, setting, family, padded): {"backend", "setting", "options", "family",
     "padded", "error"} with error None and "refused" the message where the backend refused the setting."""
-    from models.attention import AttentionConfigError, backend_class
     from lra.bench.approx import make_inputs
+    from models.attention import AttentionConfigError, backend_class, capability
 
     backends = approximating_backends() if backends is None else backends
     rows: list[dict] = []
@@ -125,7 +124,7 @@ def run_backends_approx(n: int, heads: int, head_dim: int, dtype: torch.dtype,
         q64, k64, v64 = make_inputs(family, n, heads, head_dim, torch.float64)
         q, k, v = q64.to(dtype), k64.to(dtype), v64.to(dtype)
         for name, spec in backends.items():
-            shared = getattr(backend_class(spec["_target_"], name), "shared_qk", False)
+            shared = capability(backend_class(spec["_target_"], name), "shared_qk")
             targets = {False: exact_attention(q64, k64, v64, None, shared),
                        True: exact_attention(q64, k64, v64, padded_mask, shared)}
             for label, options in settings(spec, n):
