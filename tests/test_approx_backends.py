@@ -48,7 +48,8 @@ def test_every_flagged_backend_is_in_the_report_with_finite_errors(rows):
 
 def test_exact_settings_give_zero_error(rows):
     """Where a method has an exact setting (class.exact_options), its error is rounding, padded or not."""
-    with_exact = [b for b in FLAGGED if capability(backend_class(attention_spec(b)["_target_"], b), "exact_options")(N) is not None]
+    with_exact = [b for b in FLAGGED
+                  if capability(backend_class(attention_spec(b)["_target_"], b), "exact_options")(N) is not None]
     assert with_exact, "no backend declares an exact setting"
     for backend in with_exact:
         exact = [r for r in rows if r["backend"] == backend and r["setting"].startswith("exact")]
