@@ -24,6 +24,8 @@ def paper_synthesizer(attn: SynthesizerAttention, q, k, v, lengths):
                 if attn.mode == "dense":
                     hid = torch.relu(q[b, h, i] @ attn.w1[h] + attn.b1[h])
                     logits = (hid @ attn.w2[h] + attn.b2[h])[:n]
+                elif attn.rank is not None:
+                    logits = attn.random_left[h, i] @ attn.random_right[h, :, :n]
                 else:
                     logits = attn.random_logits[h, i, :n]
                 if attn.dot_product:
@@ -32,12 +34,12 @@ def paper_synthesizer(attn: SynthesizerAttention, q, k, v, lengths):
     return out
 
 
-@pytest.mark.parametrize("mode", ["dense", "random"])
+@pytest.mark.parametrize("mode,rank", [("dense", None), ("random", None), ("random", 3)])
 @pytest.mark.parametrize("dot_product", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_outputs_and_gradients_equal_paper_formula(mode, dot_product, padded):
+def test_outputs_and_gradients_equal_paper_formula(mode, rank, dot_product, padded):
     torch.manual_seed(0)
-    attn = SynthesizerAttention(H, DH, MAX_LEN, mode=mode, dot_product=dot_product).double()
+    attn = SynthesizerAttention(H, DH, MAX_LEN, mode=mode, dot_product=dot_product, rank=rank).double()
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, L, DH, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     lengths = LENGTHS if padded else [L] * B
@@ -61,6 +63,11 @@ def test_options_and_lengths_are_checked():
         SynthesizerAttention(H, DH, MAX_LEN, mode="factorised")
     with pytest.raises(AttentionConfigError, match="max_len"):
         SynthesizerAttention(H, DH, None)
+    with pytest.raises(AttentionConfigError, match="rank"):
+        SynthesizerAttention(H, DH, MAX_LEN, rank=0)
+    with pytest.raises(AttentionConfigError, match="attention.rank=32"):  # Path-X: 4 x 16384² entries
+        SynthesizerAttention(4, DH, 16384)
+    assert SynthesizerAttention(4, DH, 16384, rank=32).random_left.shape == (4, 16384, 32)
     attn = SynthesizerAttention(H, DH, MAX_LEN)
     attn.check_length(MAX_LEN)
     with pytest.raises(AttentionConfigError, match="at most 10"):

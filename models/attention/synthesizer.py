@@ -23,6 +23,7 @@ from torch import nn
 from models.attention.base import AttentionBackend, AttentionConfigError
 
 MODES = ("dense", "random")
+MAX_RANDOM_ENTRIES = 2**28  # a full random logit matrix above this (1 GiB fp32 per layer) is refused at build
 
 
 def synthetic_attention(
@@ -58,6 +59,9 @@ class SynthesizerAttention(AttentionBackend):
         The default, random + dot product, is what LRA's code ran for its Synthesizer row
         (`synthesizer_mode='random'`, `ignore_dot_product=False` in its encoder).
       hidden_dim: width of the dense variant's MLP (default head_dim).
+      rank: None = the full random matrix (LRA's 'random'); k = R1 R2 with R1 (H, max_len, k),
+        R2 (H, k, max_len) (LRA's 'factorized_random', k = 32 there). A full matrix with more than
+        MAX_RANDOM_ENTRIES entries (H·max_len², e.g. Path-X) is refused at build time.
     Parameters are owned by the instance; R starts N(0, 1/max_len) (near-uniform attention), the MLP
     like nn.Linear (uniform ±1/√fan_in).
     """
@@ -76,6 +80,7 @@ class SynthesizerAttention(AttentionBackend):
         mode: str = "random",
         dot_product: bool = True,
         hidden_dim: int | None = None,
+        rank: int | None = None,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
         if mode not in MODES:
@@ -87,7 +92,22 @@ class SynthesizerAttention(AttentionBackend):
         hidden = hidden_dim or head_dim
         if hidden < 1:
             raise AttentionConfigError(f"synthesizer: hidden_dim must be >= 1, got {hidden_dim}")
-        if mode == "random":
+        self.rank = rank
+        if mode == "random" and rank is not None:
+            if rank < 1:
+                raise AttentionConfigError(f"synthesizer: rank must be >= 1 or null, got {rank}")
+            std = (max_len * rank) ** -0.25  # R1 R2 entries then have variance 1/max_len, like the full R
+            self.random_left = nn.Parameter(torch.randn(num_heads, max_len, rank) * std)
+            self.random_right = nn.Parameter(torch.randn(num_heads, rank, max_len) * std)
+        elif mode == "random":
+            entries = num_heads * max_len * max_len
+            if entries > MAX_RANDOM_ENTRIES:
+                raise AttentionConfigError(
+                    f"synthesizer: a full random logit matrix for max_len={max_len} and {num_heads} heads has "
+                    f"{entries:,} entries ({entries * 4 / 2**30:.1f} GiB fp32 per layer, before gradients and "
+                    f"optimizer state), over the {MAX_RANDOM_ENTRIES:,} this backend builds. Use the factorised "
+                    "form (attention.rank=32, LRA's factorized_random), attention.mode=dense, or a shorter task.max_len."
+                )
             self.random_logits = nn.Parameter(torch.randn(num_heads, max_len, max_len) * max_len**-0.5)
         else:
             b1, b2 = head_dim**-0.5, hidden**-0.5
@@ -99,6 +119,8 @@ class SynthesizerAttention(AttentionBackend):
     def synthetic_logits(self, q: torch.Tensor) -> torch.Tensor:
         """(B, H, L, L) dense logits from q (B, H, L, Dh), or (1, H, L, L) random logits."""
         L = q.shape[-2]
+        if self.mode == "random" and self.rank is not None:
+            return (self.random_left[:, :L] @ self.random_right[:, :, :L])[None]  # (1, H, L, L)
         if self.mode == "random":
             return self.random_logits[None, :, :L, :L]  # (1, H, L, L)
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -122,4 +144,4 @@ class SynthesizerAttention(AttentionBackend):
         return synthetic_attention(logits, v, key_padding_mask)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, dot_product={self.dot_product}, max_len={self.max_len}"
+        return f"mode={self.mode}, dot_product={self.dot_product}, rank={self.rank}, max_len={self.max_len}"
