@@ -32,7 +32,10 @@ PRESET = "nystromformer/listops"
 
 def switch_rows(table: Path) -> list[tuple[str, str, list[str]]]:
     """(departure, `key=value`, backends) for every row of the table that has a switch."""
-    lines = [ln for ln in table.read_text().splitlines() if ln.startswith("|")]
+    lines = table.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    lines = lines[start:end]  # the first table: the departures (the measurements follow it)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     out = []
     for ln in lines[2:]:

@@ -211,8 +211,16 @@ def test_sweep_gives_each_backend_its_protocol_options(tmp_path: Path, listops_d
 
 
 # ---- docs/DEPARTURES.md ---------------------------------------------------------------------------
+def first_table(text: str) -> list[str]:
+    """The lines of the first markdown table in `text` (the departures; later tables are measurements)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def departures() -> list[dict[str, str]]:
-    lines = [ln for ln in (ROOT / "docs" / "DEPARTURES.md").read_text().splitlines() if ln.startswith("|")]
+    lines = first_table((ROOT / "docs" / "DEPARTURES.md").read_text())
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]
             if not set(ln) <= set("|-: ")]
