@@ -134,10 +134,11 @@ def test_failed_prepare_keeps_the_previous_cache(tmp_path, reviews):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-def test_one_training_step_from_raw_data(tmp_path, reviews):
+def test_one_training_step_from_raw_data(tmp_path, reviews, capsys):
     from lra.train import run
 
     write_aclimdb_tar(tmp_path / "data" / "aclImdb_v1.tar.gz", reviews)
     rec = run(smoke_config("text", tmp_path / "data", tmp_path))
     assert rec["status"] == "finished" and rec["steps"] == 1 and rec["task"] == "text"
+    assert "text's validation set is its test set" in capsys.readouterr().out  # said wherever Text accuracy is
     assert os.path.isdir(tmp_path / "data" / "cache")

@@ -55,6 +55,7 @@ class TaskReader(ABC):
     num_classes: int = 0
     vocab_size: int = 0
     pair: bool = False
+    val_is_test: bool = False  # the task has no validation split of its own: its test split stands in (Text)
 
     def __init__(self, max_len: int) -> None:
         self.max_len = int(max_len)

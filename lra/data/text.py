@@ -60,6 +60,7 @@ class TextReader(TaskReader):
     name = "text"
     num_classes = 2
     vocab_size = 257
+    val_is_test = True  # LRA's Text has no validation split: the test reviews pick the checkpoint too
 
     def __init__(self, max_len: int = 4096, text_len: int = 4000, source_format: str = "auto") -> None:
         super().__init__(max_len)

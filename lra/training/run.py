@@ -343,6 +343,9 @@ def _fit_and_test(cfg: DictConfig, dm, module, run_dir: Path, ckpt_dir: Path, lo
     for lg in loggers:
         if callable(getattr(lg, "log_record", None)):
             lg.log_record(rec)
+    same = getattr(dm.reader, "val_is_test", False)
     print(f"[lra] {rid}: val acc {rec['val_acc']:.2f}%  test acc {rec['test_acc']:.2f}%  "
-          f"(majority class {rec['majority_acc']:.2f}%)  record: {out}  run folder: {run_dir}")
+          f"(majority class {rec['majority_acc']:.2f}%)  record: {out}  run folder: {run_dir}"
+          + (f"\n[lra] note: {dm.reader.name}'s validation set is its test set (as in LRA): the test accuracy "
+             "comes from the split that picked the checkpoint, so it is not a held-out figure." if same else ""))
     return rec
