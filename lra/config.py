@@ -171,8 +171,10 @@ def task_names(overrides: list[str] | None = None) -> list[str]:
 
 
 def protocol_backends(protocol: str, overrides: list[str] | None = None) -> list[str]:
-    """The backends protocol `protocol`'s table compares: the files of `protocol_attention/<protocol>/`
-    when it has any (each holds that backend's protocol options), else every backend."""
+    """The backends with protocol options of their own under `protocol`: the files of
+    `protocol_attention/<protocol>/` when it has any, else every backend. (Used by the long-range check
+    and mini-lra. The backends a paper's table reports are another list: `lra.published.protocol_backends`,
+    which the reproduce targets loop over; a reported backend without a file runs its yaml defaults.)"""
     own = [n for n in group_options(f"protocol_attention/{protocol}", overrides) if "/" not in n]
     return own or backend_names(overrides)
 
