@@ -133,7 +133,7 @@ define mini_task
 	)
 endef
 
-mini-lra: demo-data ## Four backends on small generated ListOps and Pathfinder sets (about 30 min on 2 CPU cores) -> results/LEADERBOARD.md
+mini-lra: demo-data ## Every discovered backend on small generated ListOps and Pathfinder sets (~6 min each on 2 CPU cores; BACKENDS= narrows) -> results/LEADERBOARD.md
 	@test -f $(MINI_PF)/pathfinder32/curv_baseline/metadata/11.npy || $(BIN)/lra-data generate pathfinder \
 		--out $(MINI_PF) --resolution 32 --difficulty baseline --batches 12 --per-batch 1000 --seed 0 --workers 2
 	$(call mini_task,listops)
