@@ -72,6 +72,11 @@ class AttentionBackend(nn.Module):
         self.head_dim = head_dim
         self.max_len = max_len
 
+    def require_at_least(self, key: str, value: int, low: int) -> None:
+        """Build-time bound of an integer option: AttentionConfigError "<name>: <key> must be >= <low>"."""
+        if value < low:
+            raise AttentionConfigError(f"{self.name}: {key} must be >= {low}, got {value}")
+
     def check_length(self, length: int) -> None:
         """Raise AttentionConfigError if this backend cannot take sequences of `length` tokens."""
         if self.max_len is not None and length > self.max_len:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from models.attention._blocks import block_sparse_attention, full_rows, num_blocks, with_rows
-from models.attention.base import AttentionBackend, AttentionConfigError
+from models.attention.base import AttentionBackend
 
 SEED_RANGE = 2**24  # seeds stay exact if a state dict passes through float32
 
@@ -50,10 +50,8 @@ class BigBirdAttention(AttentionBackend):
         num_random_blocks: int = 3,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
-        if block_size < 1:
-            raise AttentionConfigError(f"bigbird: block_size must be >= 1, got {block_size}")
-        if num_random_blocks < 0:
-            raise AttentionConfigError(f"bigbird: num_random_blocks must be >= 0, got {num_random_blocks}")
+        self.require_at_least("block_size", block_size, 1)
+        self.require_at_least("num_random_blocks", num_random_blocks, 0)
         self.block_size, self.num_random_blocks = block_size, num_random_blocks
         self.register_buffer("random_seed", torch.randint(0, SEED_RANGE, ()))
 

@@ -56,8 +56,7 @@ class LinformerAttention(AttentionBackend):
     def __init__(self, num_heads: int, head_dim: int, max_len: int | None = None, proj_dim: int = 256,
                  sharing: str = "headwise", init_std: float | None = None) -> None:
         super().__init__(num_heads, head_dim, max_len)
-        if proj_dim < 1:
-            raise AttentionConfigError(f"linformer: proj_dim must be >= 1, got {proj_dim}")
+        self.require_at_least("proj_dim", proj_dim, 1)
         if sharing not in SHARING:
             raise AttentionConfigError(f"linformer: sharing must be one of {', '.join(SHARING)}, got '{sharing}'")
         if init_std is not None and not init_std > 0:

@@ -44,8 +44,7 @@ class LocalAttention(AttentionBackend):
         look_ahead: int = 0,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
-        if block_size < 1:
-            raise AttentionConfigError(f"local: block_size must be >= 1, got {block_size}")
+        self.require_at_least("block_size", block_size, 1)
         if look_back < 0 or look_ahead < 0:
             raise AttentionConfigError(f"local: look_back and look_ahead must be >= 0, got {look_back}, {look_ahead}")
         self.block_size, self.look_back, self.look_ahead = block_size, look_back, look_ahead

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from models.attention._blocks import block_sparse_attention, full_rows, num_blocks, slot_positions, with_rows
-from models.attention.base import AttentionBackend, AttentionConfigError
+from models.attention.base import AttentionBackend
 
 
 class LongformerAttention(AttentionBackend):
@@ -48,10 +48,8 @@ class LongformerAttention(AttentionBackend):
         num_global: int = 0,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
-        if window < 1:
-            raise AttentionConfigError(f"longformer: window must be >= 1, got {window}")
-        if num_global < 0:
-            raise AttentionConfigError(f"longformer: num_global must be >= 0, got {num_global}")
+        self.require_at_least("window", window, 1)
+        self.require_at_least("num_global", num_global, 0)
         self.window, self.num_global = window, num_global
         self.right = window // 2  # keys after the query
         self.left = window - self.right - 1  # keys before the query

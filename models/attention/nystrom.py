@@ -258,8 +258,7 @@ class NystromAttention(AttentionBackend):
                                        "tokens hold no padding)")
         self.segments, self.pinv_init, self.pad_in_landmarks = segments, pinv_init, bool(pad_in_landmarks)
         self._landmark_sum, self._landmark_examples = 0.0, 0
-        if num_landmarks < 1:
-            raise AttentionConfigError(f"nystrom: num_landmarks must be >= 1, got {num_landmarks}")
+        self.require_at_least("num_landmarks", num_landmarks, 1)
         if pinv_iterations is not None and pinv_iterations < 1:
             raise AttentionConfigError(f"nystrom: pinv_iterations must be >= 1 or null (exact), got {pinv_iterations}")
         if conv_kernel < 0 or (conv_kernel > 0 and conv_kernel % 2 == 0):

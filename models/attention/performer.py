@@ -203,8 +203,7 @@ class PerformerAttention(AttentionBackend):
             raise AttentionConfigError(f"performer: feature_eps must be >= 0 and applies to the softmax kernel only "
                                        f"(the relu kernel has its own ε), got {feature_eps} with kernel '{kernel}'")
         self.logit_scale, self.pad_in_normaliser, self.feature_eps = logit_scale, bool(pad_in_normaliser), feature_eps
-        if num_features < 1:
-            raise AttentionConfigError(f"performer: num_features must be >= 1, got {num_features}")
+        self.require_at_least("num_features", num_features, 1)
         self.num_features, self.kernel, self.redraw = num_features, kernel, redraw
         gen = None if feature_seed is None else torch.Generator().manual_seed(feature_seed)
         self.register_buffer("projection", orthogonal_features(num_features, head_dim, gen))  # (m, Dh)

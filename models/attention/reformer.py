@@ -130,10 +130,8 @@ class ReformerAttention(AttentionBackend):
         redraw: bool = True,
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
-        if n_hashes < 1:
-            raise AttentionConfigError(f"reformer: n_hashes must be >= 1, got {n_hashes}")
-        if chunk_size < 1:
-            raise AttentionConfigError(f"reformer: chunk_size must be >= 1, got {chunk_size}")
+        self.require_at_least("n_hashes", n_hashes, 1)
+        self.require_at_least("chunk_size", chunk_size, 1)
         if n_buckets is None:
             if not max_len:
                 raise AttentionConfigError(

@@ -63,11 +63,9 @@ class SinkhornAttention(AttentionBackend):
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
         assert max_len is not None  # the base class raised otherwise
-        if block_size < 1:
-            raise AttentionConfigError(f"sinkhorn: block_size must be >= 1, got {block_size}")
+        self.require_at_least("block_size", block_size, 1)
         block_size = min(block_size, max(1, -(-max_len // 2)))  # at least two blocks at max_len
-        if n_iters < 0:
-            raise AttentionConfigError(f"sinkhorn: n_iters must be >= 0, got {n_iters}")
+        self.require_at_least("n_iters", n_iters, 0)
         if not temperature > 0:
             raise AttentionConfigError(f"sinkhorn: temperature must be > 0, got {temperature}")
         self.block_size, self.n_iters, self.temperature = block_size, n_iters, float(temperature)
