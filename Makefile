@@ -14,7 +14,7 @@ DEMO_DATA ?= data/listops-demo
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install backends tasks demo demo-data check-learning data-check-learning test test-fast bench bench-reference bench-approx gpu-check install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
+.PHONY: help install backends tasks demo demo-data check-learning data-check-learning check-learning-512 data-check-learning-512 test test-fast bench bench-reference bench-approx gpu-check install-bench leaderboard data-listops data-pathfinder data-pathx clean mini-lra
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{n=split($$1,t," "); printf "  \033[36m%-24s\033[0m %s\n", (n>1 ? "reproduce-<task>" : $$1), $$2}'
@@ -159,3 +159,15 @@ data-check-learning: $(STAMP) ## Long ListOps for the learning check (8,000/500/
 
 check-learning: data-check-learning ## Default recipe on long ListOps: 4 backends x 3 seeds, plateau exit per run -> results/check-learning/
 	$(BIN)/python scripts/check_learning.py --protocol-backends nystromformer --results $(CHECK_RESULTS) $(CHECK_ARGS)
+
+# The issue's own size: conf/experiment/check/listops512.yaml (101..399 tokens padded to 512, 400 steps).
+CHECK512_DATA := data/listops-check512
+CHECK512_RESULTS ?= results/check-learning/default512
+
+data-check-learning-512: $(STAMP) ## Long ListOps for the 512-token check (8,000/1,000/1,000 of 101..399 tokens) into data/listops-check512
+	@test -f $(CHECK512_DATA)/basic_test.tsv || $(BIN)/lra-data generate listops --out $(CHECK512_DATA) \
+		--train 8000 --val 1000 --test 1000 --seed 0 --min-len 100 --max-len 400
+
+check-learning-512: data-check-learning-512 ## The check at 512 tokens x 400 steps: 4 backends x 3 seeds -> results/check-learning/default512/
+	$(BIN)/python scripts/check_learning.py --check check/listops512 --protocol-backends nystromformer \
+		--results $(CHECK512_RESULTS) $(CHECK_ARGS)

@@ -8,6 +8,7 @@ backend and seed, the step at which the run left the plateau, its best validatio
     python scripts/check_learning.py --results DIR --backends softmax --seeds 0,1 -- optimizer.lr=3e-3
     python scripts/check_learning.py --preset nystromformer/listops --results DIR   # a preset at the check's length
     python scripts/check_learning.py --table-only --results DIR       # only (re)write the table
+    python scripts/check_learning.py --check check/listops512 --results DIR   # the 512-token, 400-step check
 
 Plateau exit (PLATEAU_MARGIN): a run is on the plateau while its validation accuracy stays below the
 majority-class rate + margin points; it left the plateau at the first validation step at or above that.
@@ -157,8 +158,8 @@ def _lra_train() -> list[str]:
 
 
 def train_commands(backends: list[str], seeds: list[int], results: Path, preset: str | None,
-                   overrides: list[str]) -> list[list[str]]:
-    experiment = f"experiment=[{preset},{CHECK_EXPERIMENT}]" if preset else f"experiment={CHECK_EXPERIMENT}"
+                   overrides: list[str], check: str = CHECK_EXPERIMENT) -> list[list[str]]:
+    experiment = f"experiment=[{preset},{check}]" if preset else f"experiment={check}"
     return [[*_lra_train(), experiment, f"attention={b}", f"seed={s}", f"results_dir={results}",
              *overrides] for b in backends for s in seeds]
 
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the backends of conf/protocol_attention/PROTOCOL/ (make check-learning: nystromformer)")
     p.add_argument("--seeds", default="0,1,2", help="comma list (default: 0,1,2)")
     p.add_argument("--preset", help="an experiment applied before the check's data and budget, e.g. nystromformer/listops")
+    p.add_argument("--check", default=CHECK_EXPERIMENT,
+                   help=f"the check's data and budget, an experiment of conf/experiment/check/ (default {CHECK_EXPERIMENT}; "
+                        "check/listops512 is 101..399 tokens padded to 512, 400 steps)")
     p.add_argument("--title", default=None)
     p.add_argument("--margin", type=float, default=PLATEAU_MARGIN)
     p.add_argument("--table-only", action="store_true", help="write the table from the records; train nothing")
@@ -190,7 +194,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise CheckError(f"unknown backend(s) {', '.join(unknown)}; discovered: {', '.join(known)} "
                                  "(conf/attention/*.yaml). Fix --backends.")
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            for cmd in train_commands(backends, seeds, a.results, a.preset, a.overrides):
+            from lra import config
+
+            checks = [f"check/{c}" for c in config.group_options("experiment/check")]
+            if a.check not in checks:
+                raise CheckError(f"--check {a.check}: not an experiment of conf/experiment/check/; "
+                                 f"choose one of {', '.join(checks)}.")
+            for cmd in train_commands(backends, seeds, a.results, a.preset, a.overrides, a.check):
                 print("[check-learning]", " ".join(cmd), flush=True)
                 rc = subprocess.run(cmd, env=env).returncode
                 if rc != 0:  # lra-train wrote a failed record; the table shows FAIL and the check goes on

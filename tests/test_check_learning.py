@@ -82,15 +82,35 @@ def _args(cmd: list[str]) -> list[str]:
     return cmd[next(i for i, a in enumerate(cmd) if a.startswith("experiment=")):]
 
 
-def test_commands_compose_the_check_alone_and_after_a_preset(tmp_path):
+CHECKS = sorted(f"check/{p.stem}" for p in (CONF_DIR / "experiment" / "check").glob("*.yaml"))
+
+
+def test_every_check_has_its_own_data_and_a_ten_percent_warm_up():
+    assert cl.CHECK_EXPERIMENT in CHECKS
+    cfgs = {c: compose([f"experiment={c}"]) for c in CHECKS}
+    assert len({c.data_dir for c in cfgs.values()}) == len(cfgs)  # no two checks read one folder
+    for name, cfg in cfgs.items():
+        assert cfg.scheduler.warmup_steps * 10 == cfg.trainer.max_steps, name
+        assert cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0, name
+
+
+def test_an_unknown_check_is_refused_before_anything_runs(tmp_path, capsys):
+    backend = cl.discovered_backends()[0]
+    rc = cl.main(["--check", "check/nope", "--backends", backend, "--results", str(tmp_path)])
+    assert rc == 2 and "check/nope" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("check_name", CHECKS)
+def test_commands_compose_the_check_alone_and_after_a_preset(tmp_path, check_name):
     from omegaconf import OmegaConf
 
     backend = cl.discovered_backends()[0]
-    plain, = cl.train_commands([backend], [1], tmp_path, None, ["optimizer.lr=0.003"])
+    plain, = cl.train_commands([backend], [1], tmp_path, None, ["optimizer.lr=0.003"], check_name)
     preset = sorted(p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
                     for p in (CONF_DIR / "experiment").rglob("*/listops.yaml") if p.parent.name != "check")[0]
-    with_preset, = cl.train_commands([backend], [1], tmp_path, preset, [])
-    check = compose([f"experiment={cl.CHECK_EXPERIMENT}"])
+    with_preset, = cl.train_commands([backend], [1], tmp_path, preset, [], check_name)
+    check = compose([f"experiment={check_name}"])
     assert compose(_args(plain)).optimizer.lr == 0.003
     for cmd in (plain, with_preset):
         assert f"attention={backend}" in cmd
