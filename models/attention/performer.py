@@ -45,76 +45,83 @@ def orthogonal_features(
     return w * norms[:, None]
 
 
-def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: bool,
-                     pad_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Positive softmax-kernel features (N*L, m) of rows x2 (N*L, Dh); w (m, Dh) already scaled by Dh^-¼.
+def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: bool, half_scale: float,
+                     pad_rows: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """e = exp(ω·x − |x|²/2 − stab) (N*L, m) of rows x2 (N*L, Dh); the softmax feature is e + eps, the ε
+    being added in _FavorSoftmax's small sums, never on this tensor. w (m, Dh) is the projection times the
+    data scale c, so ω·x = x2 @ wᵀ and |x|²/2 = half_scale * |x2|² (half_scale = c²/2). Padded keys
+    (pad_rows (N*L, 1) True) get e = 0.
 
-    exp(ω·x − |x|²/2) stabilised by a max subtracted per query row (queries) or per example-and-head
-    group over its real keys (keys); both factors cancel between numerator and normaliser, as do the
-    query's exp(−|x|²/2) and the constant 1/√m, which are left out. Padded keys (pad_rows True) get
-    all-zero features. One GEMM plus in-place passes; no autograd (see _FavorSoftmax)."""
+    The stabilisers are constants (no gradient): queries subtract their row max of ω·x, keys one max per
+    example-and-head group over its real keys. eps = 0: all but ω·x cancels between numerator and
+    normaliser, so queries leave out |x|²/2 and the keys' max includes it (robust to large |k|). eps > 0
+    (performer-pytorch 1.1.4, whose choices then change the result): both maxima are of ω·x alone.
+    One GEMM, one max pass and two in-place passes; no autograd (see _FavorSoftmax)."""
+    z = x2 @ w.T  # (N*L, m)
+    row_max = z.amax(-1, keepdim=True)  # (N*L, 1)
+    if is_query and not eps:
+        return z.sub_(row_max).exp_()
+    half = x2.square().sum(-1, keepdim=True).mul_(half_scale)  # (N*L, 1): |x|²/2
     if is_query:
-        z = x2 @ w.T  # (N*L, m)
-        return z.sub_(z.amax(-1, keepdim=True)).exp_()
-    half_sq = x2.square().sum(-1, keepdim=True).mul_(-0.5 * w.shape[-1] ** -0.5)  # (N*L, 1): −|x/Dh^¼|²/2
-    z = torch.addmm(half_sq, x2, w.T)  # (N*L, m)
+        return z.sub_(half.add_(row_max)).exp_()
+    key_max = row_max if eps else row_max.sub_(half)  # (N*L, 1): the key's own maximum
     if pad_rows is not None:
-        z.masked_fill_(pad_rows, float("-inf"))
-    zg = z.view(groups, -1)  # (N, L*m)
-    zg.sub_(zg.amax(-1, keepdim=True))
-    return z.exp_()  # exp(−inf) = 0 for padded keys
+        key_max.masked_fill_(pad_rows, float("-inf"))
+    stab = key_max.view(groups, -1).amax(-1, keepdim=True)  # (N, 1): one per example and head
+    bias = half.view(groups, -1).add_(stab).neg_().view(-1, 1)  # (N*L, 1)
+    if pad_rows is not None:
+        bias.masked_fill_(pad_rows, float("-inf"))  # exp(−inf) = 0 for padded keys
+    return z.add_(bias).exp_()
 
 
 class _FavorSoftmax(torch.autograd.Function):
-    """out = φ(q)ᵀ S / φ(q)ᵀ z, S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j), with a hand-written backward that
-    keeps only the two feature maps and updates gradients in place (a third less memory than autograd)."""
+    """out = φ(q)ᵀ S / φ(q)ᵀ z, S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j) (j over real keys), φ = e + ε with e
+    from softmax_features. The ε is carried by small (N, Dh+1)-sized sums, so the only (N*L, m) tensors
+    are the two e maps (saved for the backward) and one gradient buffer per side, updated in place."""
 
     @staticmethod
-    def forward(ctx, q2, k2, v, w, pad_rows):  # q2, k2: (N*L, Dh); v: (N, L, Dh); w: (m, Dh)
+    def forward(ctx, q2, k2, v, w, pad_rows, eps, half_scale):  # q2, k2: (N*L, Dh); v: (N, L, Dh); w: (m, Dh)
         N, L, D = v.shape
-        qf = softmax_features(q2, w, N, True).view(N, L, -1)  # (N, L, m)
-        kf = softmax_features(k2, w, N, False, pad_rows).view(N, L, -1)  # (N, L, m)
-        v1 = torch.cat([v, v.new_ones(N, L, 1)], -1)  # (N, L, Dh+1): the last column sums the normaliser
-        s_t = torch.bmm(v1.transpose(1, 2), kf)  # (N, Dh+1, m)
-        o1 = torch.bmm(qf, s_t.transpose(1, 2))  # (N, L, Dh+1)
+        eq = softmax_features(q2, w, N, True, half_scale, None, eps).view(N, L, -1)  # (N, L, m)
+        ek = softmax_features(k2, w, N, False, half_scale, pad_rows, eps).view(N, L, -1)  # (N, L, m)
+        real = v.new_ones(N, L, 1) if pad_rows is None else (~pad_rows).to(v.dtype).view(N, L, 1)  # (N, L, 1)
+        v1 = torch.cat([v * real, real], -1)  # (N, L, Dh+1): 0 on padded keys; the last column sums z
+        s_t = torch.bmm(v1.transpose(1, 2), ek)  # (N, Dh+1, m)
+        if eps:
+            s_t += eps * v1.sum(1)[..., None]  # ε·Σ_j (v_j, 1) in every feature column
+        o1 = torch.bmm(eq, s_t.transpose(1, 2))  # (N, L, Dh+1)
+        if eps:
+            o1 += eps * s_t.sum(-1)[:, None, :]  # the queries' ε
         den = o1[..., D:].clamp_min(torch.finfo(o1.dtype).tiny)  # (N, L, 1)
         out = o1[..., :D] / den  # (N, L, Dh)
-        ctx.save_for_backward(k2, w, v1, qf, kf, s_t, den, out)
+        ctx.eps, ctx.half_scale = eps, half_scale
+        ctx.save_for_backward(q2, k2, w, v1, eq, ek, s_t, den, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):  # g_out: (N, L, Dh)
-        k2, w, v1, qf, kf, s_t, den, out = ctx.saved_tensors
+        q2, k2, w, v1, eq, ek, s_t, den, out = ctx.saved_tensors
+        eps, c2 = ctx.eps, 2 * ctx.half_scale  # d(|x|²/2)/dx2 = c2 * x2
         N, L, D = out.shape
+        w1 = torch.cat([w, w.new_ones(w.shape[0], 1)], -1)  # (m, Dh+1): the last column sums a row over m
         g_o1 = torch.cat([g_out, -(g_out * out).sum(-1, keepdim=True)], -1).div_(den)  # (N, L, Dh+1)
-        g_s_t = torch.bmm(g_o1.transpose(1, 2), qf)  # (N, Dh+1, m)
-        g_zq = torch.bmm(g_o1, s_t).mul_(qf).view(N * L, -1)  # (N*L, m): d/dz of exp(z) is exp(z)
-        g_q = g_zq @ w  # (N*L, Dh)
-        del g_zq
-        g_v = torch.bmm(kf, g_s_t[:, :D].transpose(1, 2))  # (N, L, Dh)
-        g_zk = torch.bmm(v1, g_s_t).mul_(kf).view(N * L, -1)  # (N*L, m); zero on padded keys
-        g_k = torch.addmm(k2 * g_zk.sum(-1, keepdim=True).mul_(-(D**-0.5)), g_zk, w)  # (N*L, Dh)
-        return g_q, g_k, g_v, None, None
-
-
-def _favor_softmax_eps(q2: torch.Tensor, k2: torch.Tensor, v3: torch.Tensor, w: torch.Tensor, eps: float,
-                       pad_rows: torch.Tensor | None) -> torch.Tensor:
-    """Softmax-kernel FAVOR with ε added to every feature (plain autograd). q2, k2: (N*L, Dh); v3: (N, L, Dh);
-    w: (m, Dh) scaled by Dh^-¼. Padded keys (pad_rows True) get zero features."""
-    N, L, D = v3.shape
-    half = 0.5 * D**-0.5  # |x|²/2 of x / Dh^¼
-    zq = q2 @ w.T  # (N*L, m)
-    qf = torch.exp(zq - q2.square().sum(-1, keepdim=True) * half - zq.amax(-1, keepdim=True).detach()) + eps
-    zk = (k2 @ w.T).view(N, L, -1)  # (N, L, m)
-    stab = zk if pad_rows is None else zk.masked_fill(pad_rows.view(N, L, 1), float("-inf"))
-    kf = torch.exp(zk - (k2.square().sum(-1, keepdim=True) * half).view(N, L, 1)
-                   - stab.amax((-1, -2), keepdim=True).detach()) + eps  # (N, L, m)
-    if pad_rows is not None:
-        kf = kf.masked_fill(pad_rows.view(N, L, 1), 0.0)
-    qf = qf.view(N, L, -1)  # (N, L, m)
-    den = torch.bmm(qf, kf.sum(1)[..., None])  # (N, L, 1)
-    return torch.bmm(qf, torch.bmm(kf.transpose(1, 2), v3)) / den  # (N, L, Dh)
+        g_s_t = torch.bmm(g_o1.transpose(1, 2), eq)  # (N, Dh+1, m)
+        if eps:
+            g_s_t += eps * g_o1.sum(1)[..., None]
+        g_z = torch.bmm(g_o1, s_t).mul_(eq).view(N * L, -1)  # (N*L, m): de/dz = e
+        if eps:  # the queries' |x|²/2 no longer cancels
+            g_a = g_z @ w1  # (N*L, Dh+1)
+            g_q = torch.addcmul(g_a[:, :D], q2, g_a[:, D:], value=-c2)  # (N*L, Dh)
+        else:
+            g_q = g_z @ w  # (N*L, Dh)
+        g_v = torch.bmm(ek, g_s_t[:, :D].transpose(1, 2))  # (N, L, Dh)
+        if eps:
+            g_v += eps * g_s_t[:, :D].sum(-1)[:, None, :] * v1[..., D:]  # the keys' ε, real keys only
+        torch.bmm(v1, g_s_t, out=g_z.view(N, L, -1)).mul_(ek)  # reuses g_z's memory; zero on padded keys
+        g_a = g_z @ w1  # (N*L, Dh+1)
+        g_k = torch.addcmul(g_a[:, :D], k2, g_a[:, D:], value=-c2)  # (N*L, Dh)
+        return g_q, g_k, g_v, None, None, None, None
 
 
 def performer_attention(
@@ -137,8 +144,8 @@ def performer_attention(
     if logit_scale not in LOGIT_SCALES:
         raise AttentionConfigError(f"performer: logit_scale must be one of {LOGIT_SCALES}, got '{logit_scale}'")
     B, H, L, D = q.shape
-    if logit_scale == "1/Dh":  # q·k / Dh = (q / Dh^¼)·(k / Dh^¼) / √Dh
-        q, k = q * D**-0.25, k * D**-0.25
+    # the features see x = c·q and c·k: c = Dh^-¼ makes ω·x estimate q·k/√Dh; 1/Dh divides by Dh^¼ once more
+    c = D**-0.5 if logit_scale == "1/Dh" else D**-0.25
     pad_rows = None
     if key_padding_mask is not None and pad_in_normaliser:  # zeroed keys still count: φ(0) != 0
         pad = ~key_padding_mask[:, None, :, None]  # (B, 1, L, 1)
@@ -147,13 +154,11 @@ def performer_attention(
         pad_rows = (~key_padding_mask)[:, None, :].expand(B, H, L).reshape(-1, 1)  # (B*H*L, 1)
     acc = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        w = projection.to(acc) * D**-0.25  # (m, Dh): folds the q / Dh^¼ scaling into the projection
+        w = projection.to(acc) * c  # (m, Dh): folds the data scale c into the projection, ω·x = q2 @ wᵀ
         q2, k2 = q.to(acc).reshape(B * H * L, D), k.to(acc).reshape(B * H * L, D)  # (B*H*L, Dh)
         v3 = v.to(acc).reshape(B * H, L, D)  # (B*H, L, Dh)
-        if kernel == "softmax" and feature_eps:
-            out = _favor_softmax_eps(q2, k2, v3, w, feature_eps, pad_rows)  # (B*H, L, Dh)
-        elif kernel == "softmax":
-            out = _FavorSoftmax.apply(q2, k2, v3, w, pad_rows)  # (B*H, L, Dh)
+        if kernel == "softmax":
+            out = _FavorSoftmax.apply(q2, k2, v3, w, pad_rows, float(feature_eps), c * c / 2)  # (B*H, L, Dh)
         else:
             qf = (torch.relu(q2 @ w.T) + RELU_EPS).view(B * H, L, -1)  # (B*H, L, m)
             kf = torch.relu(k2 @ w.T) + RELU_EPS  # (B*H*L, m)
