@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+import models.attention.performer as performer_module
 from models.attention.performer import LOGIT_SCALES, orthogonal_features, performer_attention
 
 B, H, L, DH, M = 3, 2, 13, 8, 16
@@ -50,8 +51,7 @@ MASKS = {"none": None, "padded": torch.arange(L)[None, :] < torch.tensor([L, 7, 
 CASES = list(itertools.product(MASKS, (False, True), (0.0, 1e-4), LOGIT_SCALES))
 
 
-@pytest.mark.parametrize("mask_name,pad_in_normaliser,eps,logit_scale", CASES)
-def test_function_equals_plain_formula_with_gradients(mask_name, pad_in_normaliser, eps, logit_scale):
+def compare(mask_name, pad_in_normaliser, eps, logit_scale):
     mask = MASKS[mask_name]
     q, k, v, w = inputs(1, spread=2.0)  # spread: exponents wide enough for the stabilisers to matter
     g_out = torch.randn(B, H, L, DH, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -68,6 +68,19 @@ def test_function_equals_plain_formula_with_gradients(mask_name, pad_in_normalis
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11, msg=f"{name} differs")
     if mask is not None and not pad_in_normaliser:
         assert results[0][3][~mask[:, None, :].expand(B, H, L)].abs().max() == 0  # padded values: no gradient
+
+
+@pytest.mark.parametrize("mask_name,pad_in_normaliser,eps,logit_scale", CASES)
+def test_function_equals_plain_formula_with_gradients(mask_name, pad_in_normaliser, eps, logit_scale):
+    compare(mask_name, pad_in_normaliser, eps, logit_scale)
+
+
+@pytest.mark.parametrize("rows", [5, L, 2 * L + 1])
+@pytest.mark.parametrize("pad_in_normaliser,eps", [(False, 0.0), (False, 1e-4), (True, 1e-4)])
+def test_blocked_passes_equal_plain_formula(monkeypatch, rows, pad_in_normaliser, eps):
+    """Blocks within an example (with a shorter last one), one example, and several whole examples."""
+    monkeypatch.setattr(performer_module, "BLOCK_ROWS", rows)
+    compare("padded", pad_in_normaliser, eps, "1/Dh")
 
 
 def test_reference_discriminates_the_stabilisers_when_eps_is_set():

@@ -27,6 +27,7 @@ from models.attention.base import AttentionBackend, AttentionConfigError
 RELU_EPS = 1e-3  # keeps relu-feature normalisers positive (the Performer paper's generalized-kernel epsilon)
 KERNELS = ("softmax", "relu")
 LOGIT_SCALES = ("1/sqrt(Dh)", "1/Dh")
+BLOCK_ROWS = 512  # rows of an (N*L, m) feature map handled at once (512 x 256 fp32 = 512 KiB stays in cache)
 
 
 def orthogonal_features(
@@ -56,22 +57,41 @@ def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: b
     example-and-head group over its real keys. eps = 0: all but ω·x cancels between numerator and
     normaliser, so queries leave out |x|²/2 and the keys' max includes it (robust to large |k|). eps > 0
     (performer-pytorch 1.1.4, whose choices then change the result): both maxima are of ω·x alone.
-    One GEMM, one max pass and two in-place passes; no autograd (see _FavorSoftmax)."""
-    z = x2 @ w.T  # (N*L, m)
-    row_max = z.amax(-1, keepdim=True)  # (N*L, 1)
-    if is_query and not eps:
-        return z.sub_(row_max).exp_()
-    half = x2.square().sum(-1, keepdim=True).mul_(half_scale)  # (N*L, 1): |x|²/2
-    if is_query:
-        return z.sub_(half.add_(row_max)).exp_()
-    key_max = row_max if eps else row_max.sub_(half)  # (N*L, 1): the key's own maximum
-    if pad_rows is not None:
-        key_max.masked_fill_(pad_rows, float("-inf"))
-    stab = key_max.view(groups, -1).amax(-1, keepdim=True)  # (N, 1): one per example and head
-    bias = half.view(groups, -1).add_(stab).neg_().view(-1, 1)  # (N*L, 1)
-    if pad_rows is not None:
-        bias.masked_fill_(pad_rows, float("-inf"))  # exp(−inf) = 0 for padded keys
-    return z.add_(bias).exp_()
+    A GEMM, a max and two in-place passes per block of rows; no autograd (see _FavorSoftmax)."""
+    NL, m = x2.shape[0], w.shape[0]
+    L = NL // groups
+    e = x2.new_empty(NL, m)  # (N*L, m)
+    half = None if is_query and not eps else x2.square().sum(-1, keepdim=True).mul_(half_scale)  # (N*L, 1)
+    # block by block, so that the max and the exp passes run in cache; keys by whole examples (one max each)
+    for n0, n1, l0, l1 in _blocks(groups, L, BLOCK_ROWS if is_query else L):
+        r0, r1 = n0 * L + l0, (n1 - 1) * L + l1  # the block's rows of (N*L, ·)
+        z = torch.mm(x2[r0:r1], w.T, out=e[r0:r1])  # (rows, m): ω·x
+        row_max = z.amax(-1, keepdim=True)  # (rows, 1)
+        if is_query:
+            z.sub_(row_max if half is None else row_max.add_(half[r0:r1])).exp_()
+            continue
+        key_max = row_max if eps else row_max.sub_(half[r0:r1])  # (rows, 1): each key's own maximum
+        if pad_rows is not None:
+            key_max.masked_fill_(pad_rows[r0:r1], float("-inf"))
+        stab = key_max.view(n1 - n0, -1).amax(-1, keepdim=True)  # (n, 1): one per example and head
+        bias = half[r0:r1].view(n1 - n0, -1).add(stab).view(-1, 1)  # (rows, 1)
+        if pad_rows is not None:
+            bias.masked_fill_(pad_rows[r0:r1], float("inf"))  # exp(−inf) = 0 for padded keys
+        z.sub_(bias).exp_()
+    return e
+
+
+def _blocks(N: int, L: int, rows: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """(n0, n1, l0, l1) blocks of about `rows` rows of an (N, L) grid: within one example, or whole examples
+    when L < rows."""
+    rows = rows or BLOCK_ROWS
+    if L >= rows:
+        for n in range(N):
+            for l0 in range(0, L, rows):
+                yield n, n + 1, l0, min(L, l0 + rows)
+    else:
+        for n0 in range(0, N, rows // L):
+            yield n0, min(N, n0 + rows // L), 0, L
 
 
 class _FavorSoftmax(torch.autograd.Function):
@@ -104,23 +124,33 @@ class _FavorSoftmax(torch.autograd.Function):
         q2, k2, w, v1, eq, ek, s_t, den, out = ctx.saved_tensors
         eps, c2 = ctx.eps, 2 * ctx.half_scale  # d(|x|²/2)/dx2 = c2 * x2
         N, L, D = out.shape
-        w1 = torch.cat([w, w.new_ones(w.shape[0], 1)], -1)  # (m, Dh+1): the last column sums a row over m
+        m = w.shape[0]
+        w1 = torch.cat([w, w.new_ones(m, 1)], -1)  # (m, Dh+1): the last column sums a row over m
+        wq = w1 if eps else w  # eps = 0: the queries' |x|²/2 cancels, no row sums needed
         g_o1 = torch.cat([g_out, -(g_out * out).sum(-1, keepdim=True)], -1).div_(den)  # (N, L, Dh+1)
-        g_s_t = torch.bmm(g_o1.transpose(1, 2), eq)  # (N, Dh+1, m)
+        g_s_t = torch.zeros_like(s_t)  # (N, Dh+1, m)
+        g_aq = out.new_empty(N, L, wq.shape[1])  # (N, L, Dh or Dh+1): g_z @ wq for the queries
+        g_ak = out.new_empty(N, L, D + 1)  # (N, L, Dh+1)
+        g_v = torch.empty_like(out)  # (N, L, Dh)
+        buf = out.new_empty(min(N * L, max(BLOCK_ROWS, L)) * m)  # one block of d/dz, reused (cache-sized)
+        # d/dz of the features, e ⊙ (g_φ), block by block so that it never leaves the cache
+        for n0, n1, l0, l1 in _blocks(N, L):
+            e, g = eq[n0:n1, l0:l1], g_o1[n0:n1, l0:l1]  # (n, l, m), (n, l, Dh+1)
+            g_s_t[n0:n1].baddbmm_(g.transpose(1, 2), e)
+            g_z = torch.bmm(g, s_t[n0:n1], out=buf[: e.numel()].view(e.shape)).mul_(e)  # de/dz = e
+            torch.mm(g_z.view(-1, m), wq, out=g_aq[n0:n1, l0:l1].view(-1, wq.shape[1]))
         if eps:
-            g_s_t += eps * g_o1.sum(1)[..., None]
-        g_z = torch.bmm(g_o1, s_t).mul_(eq).view(N * L, -1)  # (N*L, m): de/dz = e
-        if eps:  # the queries' |x|²/2 no longer cancels
-            g_a = g_z @ w1  # (N*L, Dh+1)
-            g_q = torch.addcmul(g_a[:, :D], q2, g_a[:, D:], value=-c2)  # (N*L, Dh)
-        else:
-            g_q = g_z @ w  # (N*L, Dh)
-        g_v = torch.bmm(ek, g_s_t[:, :D].transpose(1, 2))  # (N, L, Dh)
+            g_s_t += eps * g_o1.sum(1)[..., None]  # the queries' ε
+        for n0, n1, l0, l1 in _blocks(N, L):
+            e, v_b = ek[n0:n1, l0:l1], v1[n0:n1, l0:l1]  # (n, l, m), (n, l, Dh+1)
+            torch.bmm(e, g_s_t[n0:n1, :D].transpose(1, 2), out=g_v[n0:n1, l0:l1])
+            g_z = torch.bmm(v_b, g_s_t[n0:n1], out=buf[: e.numel()].view(e.shape)).mul_(e)  # 0 on padded keys
+            torch.mm(g_z.view(-1, m), w1, out=g_ak[n0:n1, l0:l1].view(-1, D + 1))
         if eps:
             g_v += eps * g_s_t[:, :D].sum(-1)[:, None, :] * v1[..., D:]  # the keys' ε, real keys only
-        torch.bmm(v1, g_s_t, out=g_z.view(N, L, -1)).mul_(ek)  # reuses g_z's memory; zero on padded keys
-        g_a = g_z @ w1  # (N*L, Dh+1)
-        g_k = torch.addcmul(g_a[:, :D], k2, g_a[:, D:], value=-c2)  # (N*L, Dh)
+        g_aq, g_ak = g_aq.view(N * L, -1), g_ak.view(N * L, -1)  # (N*L, Dh or Dh+1)
+        g_q = torch.addcmul(g_aq[:, :D], q2, g_aq[:, D:], value=-c2) if eps else g_aq  # (N*L, Dh)
+        g_k = torch.addcmul(g_ak[:, :D], k2, g_ak[:, D:], value=-c2)  # (N*L, Dh)
         return g_q, g_k, g_v, None, None, None, None
 
 
