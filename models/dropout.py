@@ -26,13 +26,25 @@ def quantized_p(p: float) -> float:
     return round(p * LEVELS) / LEVELS
 
 
+def keep_threshold(p: float) -> int:
+    """An element is kept when its int16 word (uniform on [-32768, 32767]) is >= this: it is dropped
+    with probability exactly `quantized_p(p)`."""
+    return round(p * LEVELS) - LEVELS // 2
+
+
+def random_words(n: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    """n uniform int16 words (flat) from the global generator: (n + 3) // 4 64-bit draws, four words each.
+    `out`, if given, is an int64 buffer of at least that many draws that is overwritten and viewed."""
+    draws = (n + 3) // 4
+    if out is None:
+        out = torch.empty(draws, dtype=torch.int64, device=device)
+    return out[:draws].random_(-(2**63), None).view(torch.int16)[:n]
+
+
 class _WordDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        threshold = round(p * LEVELS) - LEVELS // 2  # int16 words are uniform on [-32768, 32767]
-        keep = words.view(torch.int16)[:n].view(x.shape) >= threshold  # (x.shape) bool
+        keep = random_words(x.numel(), x.device).view(x.shape) >= keep_threshold(p)  # (x.shape) bool
         scale = 1.0 / (1.0 - quantized_p(p))
         ctx.save_for_backward(keep)
         ctx.scale = scale

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import models.attention.softmax as softmax_mod
-from models.dropout import Dropout, dropout, quantized_p
+from models.dropout import Dropout, dropout, keep_threshold, quantized_p, random_words
 
 
 def test_dropout_rate_scale_and_determinism():
@@ -77,6 +77,7 @@ def test_chunked_dropout_attention_equals_plain(monkeypatch, recompute):
     assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), ref_grads))
     # 5 queries a chunk (recomputed in backward, or stored): the plain formula chunk by chunk
     monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", B * H * 5 * L)
+    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", B * H * 5 * L)
     monkeypatch.setattr(softmax_mod, "STORE_ELEMENTS", 0 if recompute else 10**9)
     ref = _plain(q, k, v, mask, 0.2, seed=5, chunk=5)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
@@ -139,3 +140,115 @@ def test_compiled_network_gives_the_eager_loss_and_gradients():
     assert torch.allclose(eager[0], compiled[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(eager[1], compiled[1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _reference_with_mask(q, k, v, pad, keep, p):
+    """The textbook formula given the keep mask: softmax, times keep / (1 - p), times V (float64)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if pad is not None:
+        s = s.masked_fill(~pad[:, None, None, :], torch.finfo(s.dtype).min)
+    return (s.softmax(-1) * keep / (1 - quantized_p(p))) @ v
+
+
+def _keep_mask(shape, p, seed, chunk):
+    """The keep mask the dropout path draws under `seed`: chunk after chunk of `chunk` queries, one int16
+    word per probability, kept when the word is >= keep_threshold(p)."""
+    B, H, L, S = shape
+    torch.manual_seed(seed)
+    parts = [random_words(B * H * min(chunk, L - i) * S).view(B, H, -1, S) >= keep_threshold(p)
+             for i in range(0, L, chunk)]
+    return torch.cat(parts, 2).double()  # (B, H, L, S)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_dropout_attention_equals_formula_given_the_mask(monkeypatch, padded, recompute):
+    """float64: outputs and q, k, v gradients of the chunked path equal softmax * keep / (1 - p) @ V with the
+    same keep mask, whether P and D are stored or recomputed (replayed draws) in backward."""
+    B, H, L, D, p, c = 2, 3, 20, 8, 0.3, 6
+    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", B * H * c * L)
+    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", B * H * c * L)
+    monkeypatch.setattr(softmax_mod, "STORE_ELEMENTS", 0 if recompute else 10**9)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = None
+    if padded:
+        pad = torch.ones(B, L, dtype=torch.bool)
+        pad[0, 13:] = False
+    keep = _keep_mask((B, H, L, L), p, seed=7, chunk=c)
+    assert 0 < keep.mean() < 1
+    ref = _reference_with_mask(q, k, v, pad, keep, p)
+    weight = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    ws = softmax_mod.Workspace()
+    for _ in range(2):  # the second call reuses the workspace's memory
+        torch.manual_seed(7)
+        out = softmax_mod.dropout_attention(q, k, v, None if pad is None else pad[:, None, None, :], p, ws)
+        grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if padded:  # padded keys get no probability and no gradient
+        assert torch.all(grads[1][0, :, 13:] == 0) and torch.all(grads[2][0, :, 13:] == 0)
+
+
+def test_workspace_busy_or_reused_never_changes_gradients():
+    """Two forwards before their backwards (the second gets its own memory), and a retained graph
+    backpropagated again after a later forward took the memory (it recomputes): all gradients exact."""
+    B, H, L, D, p = 2, 2, 12, 4, 0.2
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ws = softmax_mod.Workspace()
+
+    def call(seed):
+        torch.manual_seed(seed)
+        return softmax_mod.dropout_attention(q, k, v, None, p, ws)
+
+    def fresh_grads(seed):
+        torch.manual_seed(seed)
+        out = softmax_mod.dropout_attention(q, k, v, None, p)
+        return torch.autograd.grad(out.sum(), (q, k, v))
+
+    a, b = call(3), call(4)  # b finds the workspace taken by a
+    assert not torch.allclose(a, b)  # another step: another mask
+    for out, seed in ((b, 4), (a, 3)):
+        for x, y in zip(torch.autograd.grad(out.sum(), (q, k, v)), fresh_grads(seed)):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    a = call(5)
+    first = torch.autograd.grad(a.sum(), (q, k, v), retain_graph=True)
+    call(6).sum().backward()  # takes the workspace again
+    for x, y, z in zip(torch.autograd.grad(a.sum(), (q, k, v)), first, fresh_grads(5)):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_dropout_keep_rate_and_independence():
+    """Read the keep mask off the backend itself (q = k = 0: uniform probabilities; V = identity: the
+    output is keep / (L (1 - p))): drop rate quantized_p(p) within 4 standard deviations overall and per
+    16-bit lane, a different mask in every call (layer, step), the same one under the same seed."""
+    from models.attention.softmax import SoftmaxAttention
+
+    B, H, L, p = 8, 4, 64, 0.1
+    att = SoftmaxAttention(H, L, attn_dropout=p).train()
+    q = torch.zeros(B, H, L, L, requires_grad=True)
+    v = torch.eye(L).expand(B, H, L, L)
+
+    def mask_of_one_call():
+        out = att(q, q, v, None)
+        return (out * L * (1 - quantized_p(p))).round().detach()  # (B, H, L, L), 1 = kept
+
+    torch.manual_seed(0)
+    m1, m2 = mask_of_one_call(), mask_of_one_call()
+    assert set(m1.unique().tolist()) == {0.0, 1.0}
+    n = m1.numel()
+    sd = math.sqrt(p * (1 - p) / n)
+    for m in (m1, m2):
+        assert abs((1 - m.mean().item()) - quantized_p(p)) < 4 * sd
+        lanes = 1 - m.reshape(-1, 4).mean(0)  # the four elements decided by one 64-bit draw
+        assert torch.all((lanes - quantized_p(p)).abs() < 4 * sd * 2), lanes
+    agree = (m1 == m2).float().mean().item()  # independent masks agree with prob (1-p)^2 + p^2
+    assert abs(agree - ((1 - p) ** 2 + p ** 2)) < 4 * math.sqrt(0.18 * 0.82 / n)
+    torch.manual_seed(0)
+    assert torch.equal(mask_of_one_call(), m1)  # reproducible under the run's seed
+    att.eval()
+    torch.testing.assert_close(att(q, q, v, None), F.scaled_dot_product_attention(q, q, v))

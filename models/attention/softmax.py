@@ -3,50 +3,195 @@
 Without attention dropout: PyTorch's fused `scaled_dot_product_attention` (no L x L tensor on its
 memory-efficient and flash paths). With attention dropout in training, SDPA on a CPU falls back to
 its math path, which stores the whole (B, H, L, L) probability matrix and draws one Bernoulli sample
-per entry (measured 3-7x slower than without dropout at L = 512). Here instead the queries are taken
-in chunks of at most `CHUNK_ELEMENTS` scores, each chunk's probabilities are dropped with the cheap
-word-based sampler of `models.dropout`, and for long inputs each chunk is recomputed in backward
-(activation checkpointing, which replays the same random draws), so memory stays O(chunk x L).
+per entry (measured 3-7x slower than without dropout at L = 512). Here instead a hand-written autograd
+function takes the queries in chunks of at most `CHUNK_ELEMENTS` scores and drops each chunk's
+probabilities with the word-based sampler of `models.dropout` (drop probability `quantized_p(p)`, one
+16-bit word per probability, the chunks' words drawn in order from the global generator). Every
+elementwise step writes into buffers reused from chunk to chunk, the dropout's 1 / (1 - p) is folded
+into V, and backward uses dS = D * dD - P * rowsum(dO * O) (D the dropped probabilities, dD = dO Vᵀ),
+so it needs no softmax-backward pass. Up to `STORE_ELEMENTS` scores in all, P and D are kept for
+backward; above, backward recomputes them chunk by chunk, replaying the same random words, so memory
+stays O(chunk x L).
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from models.attention.base import AttentionBackend
-from models.dropout import dropout
+from models.dropout import keep_threshold, quantized_p, random_words
 
-CHUNK_ELEMENTS = 2**21  # scores (B x H x queries x keys) per chunk: 8 MB; measured best at L = 512 (2**19..2**23)
-STORE_ELEMENTS = 2**26  # above this many scores in all, chunks are recomputed in backward
+CHUNK_ELEMENTS = 2**22  # scores (B x H x queries x keys) per chunk when P and D are stored (16 MB fp32)
+RECOMPUTE_CHUNK_ELEMENTS = 2**21  # per chunk when they are recomputed (long inputs: memory first)
+STORE_ELEMENTS = 2**26  # above this many scores in all, P and D are recomputed in backward
 
 
-def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     p: float) -> torch.Tensor:
-    """dropout(softmax(q kᵀ / √Dh)) v for one chunk of queries q (B, H, c, Dh) over every key."""
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, H, c, L)
-    if mask is not None:
-        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)  # mask (B, 1, 1, L)
-    return torch.matmul(dropout(s.softmax(-1), p, True), v)  # (B, H, c, Dh)
+class Workspace:
+    """Memory a `SoftmaxAttention` keeps from call to call: freshly allocated tensors of many MB cost a
+    page fault per 4 kB on first touch (measured: as long as the multiplies they hold). The stored P and
+    D belong to one call until its backward has run (or its graph is freed); a call that finds them
+    taken gets fresh memory of its own, so reuse never changes a result."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._owner: weakref.ref | None = None  # the autograd node whose backward still needs "P", "D"
+        self.generation = 0  # bumped whenever "P", "D" are handed out again
+
+    def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer of n elements (contents undefined)."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype)
+        return buf[:n]
+
+    def claim(self, owner: object) -> "Workspace":
+        """This workspace if its stored P and D are free (then owned by `owner`), else a fresh one."""
+        if self._owner is not None and self._owner() is not None:
+            return Workspace()
+        self._owner = weakref.ref(owner)
+        self.generation += 1
+        return self
+
+    def release(self, owner: object) -> None:
+        if self._owner is not None and self._owner() is owner:
+            self._owner = None
+
+
+class _Chunks:
+    """Shared state of one call: q pre-scaled by 1/√Dh, V pre-scaled by 1/(1 - p), the key-padding bias,
+    and scratch buffers of one chunk. All 3-D with batch B*H; keys S."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                 p: float, ws: Workspace, chunk_elements: int) -> None:
+        B, H, L, Dh = q.shape
+        self.ws = ws
+        S = k.shape[2]
+        self.BH, self.L, self.S = B * H, L, S
+        self.qs = (q * (1.0 / math.sqrt(Dh))).reshape(self.BH, L, Dh)  # (BH, L, Dh)
+        self.k = k.reshape(self.BH, S, Dh)  # (BH, S, Dh)
+        self.keep_scale = 1.0 / (1.0 - quantized_p(p))
+        self.vs = (v * self.keep_scale).reshape(self.BH, S, Dh)  # (BH, S, Dh)
+        self.threshold = keep_threshold(p)
+        self.bias = None
+        if attn_mask is not None:  # (B, 1, 1, S) True = attend -> additive (BH, 1, S)
+            bias = torch.zeros(B, 1, 1, S, dtype=q.dtype).masked_fill_(~attn_mask, torch.finfo(q.dtype).min)
+            self.bias = bias.expand(B, H, 1, S).reshape(self.BH, 1, S)
+        self.c = max(1, min(L, chunk_elements // (self.BH * S)))  # queries per chunk
+
+    def starts(self) -> range:
+        return range(0, self.L, self.c)
+
+    def probs(self, i: int, P: torch.Tensor, D: torch.Tensor) -> None:
+        """Fill P (BH, c, S) with softmax(q kᵀ/√Dh + bias) of queries i : i + c and D with P times the
+        keep mask drawn now from the global generator (one 16-bit word per probability)."""
+        qc = self.qs[:, i:i + P.shape[1]]  # (BH, c, Dh)
+        if self.bias is None:
+            torch.bmm(qc, self.k.transpose(1, 2), out=P)
+        else:
+            torch.baddbmm(self.bias, qc, self.k.transpose(1, 2), out=P)
+        torch.softmax(P, -1, out=P)
+        n = P.numel()
+        keep = self.ws.get("keep", n, P.dtype).view(P.shape)  # 1.0 = kept, 0.0 = dropped
+        words = random_words(n, out=self.ws.get("words", (n + 3) // 4, torch.int64))
+        torch.ge(words.view(P.shape), self.threshold, out=keep)
+        torch.mul(P, keep, out=D)
+
+
+def _views(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return buf[:math.prod(shape)].view(shape)
+
+
+class _DropoutAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
+                attn_mask: torch.Tensor | None, p: float, needs_grad: bool, ws: Workspace) -> torch.Tensor:
+        B, H, L, Dh = q.shape
+        store = needs_grad and B * H * L * k.shape[2] <= STORE_ELEMENTS
+        if store:
+            ws = ws.claim(ctx)
+        else:  # long inputs (or no backward): scratch of this call only, as small as a chunk
+            ws = Workspace()
+        st = _Chunks(q, k, v, attn_mask, p, ws, CHUNK_ELEMENTS if store else RECOMPUTE_CHUNK_ELEMENTS)
+        rng = torch.get_rng_state()  # backward can replay the chunks' draws from here
+        n = st.BH * st.c * st.S
+        P_all = ws.get("P", st.BH * L * st.S, q.dtype) if store else ws.get("Pc", n, q.dtype)
+        D_all = ws.get("D", st.BH * L * st.S, q.dtype) if store else ws.get("Dc", n, q.dtype)
+        outs = []
+        for i in st.starts():
+            c = min(st.c, L - i)
+            at = st.BH * i * st.S if store else 0  # stored: chunk after chunk, each contiguous
+            P = _views(P_all[at:], (st.BH, c, st.S))
+            D = _views(D_all[at:], (st.BH, c, st.S))
+            st.probs(i, P, D)
+            outs.append(torch.bmm(D, st.vs))  # (BH, c, Dh)
+        out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (BH, L, Dh)
+        if needs_grad:
+            if not store:
+                st.ws = Workspace()  # nothing held from forward to backward
+            ctx.st, ctx.rng, ctx.store, ctx.generation = st, rng, store, ws.generation
+            ctx.stored = (P_all, D_all) if store else None
+            ctx.save_for_backward(out)
+        return out.view(B, H, L, Dh)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        st: _Chunks = ctx.st
+        (out,) = ctx.saved_tensors
+        # stored P, D are valid unless the workspace was handed out again (a second backward with
+        # retain_graph after a later forward): then recompute them like the long-input path
+        store = ctx.store and st.ws.generation == ctx.generation
+        dO = grad.reshape(st.BH, st.L, -1)  # (BH, L, Dh)
+        delta = (dO * out).sum(-1, keepdim=True)  # (BH, L, 1) = rowsum(dD * D) per query
+        dqs = []
+        dk = torch.zeros_like(st.k)
+        dv = torch.zeros_like(st.vs)
+        n = st.BH * st.c * st.S
+        dS_buf = st.ws.get("dS", n, dO.dtype)
+        if store:
+            P_all, D_all = ctx.stored
+        else:
+            P_all, D_all = st.ws.get("Pc", n, dO.dtype), st.ws.get("Dc", n, dO.dtype)
+            now = torch.get_rng_state()
+            torch.set_rng_state(ctx.rng)
+        try:
+            for i in st.starts():
+                c = min(st.c, st.L - i)
+                at = st.BH * i * st.S if store else 0
+                P = _views(P_all[at:], (st.BH, c, st.S))
+                D = _views(D_all[at:], (st.BH, c, st.S))
+                if not store:
+                    st.probs(i, P, D)
+                dOc = dO[:, i:i + c]  # (BH, c, Dh)
+                dS = _views(dS_buf, (st.BH, c, st.S))
+                torch.bmm(dOc, st.vs.transpose(1, 2), out=dS)  # dD
+                dv.baddbmm_(D.transpose(1, 2), dOc)
+                dS.mul_(D).addcmul_(P, delta[:, i:i + c], value=-1.0)  # dS = D*dD - P*delta
+                dqs.append(torch.bmm(dS, st.k))  # (BH, c, Dh)
+                dk.baddbmm_(dS.transpose(1, 2), st.qs[:, i:i + c])
+        finally:
+            if not store:
+                torch.set_rng_state(now)
+            st.ws.release(ctx)
+        B, H, L, Dh = grad.shape
+        dq = (torch.cat(dqs, 1) if len(dqs) > 1 else dqs[0]).mul_(1.0 / math.sqrt(Dh)).view(B, H, L, Dh)
+        dk = dk.view(B, H, st.S, Dh)
+        dv = dv.mul_(st.keep_scale).view(B, H, st.S, Dh)
+        return dq, dk, dv, None, None, None, None
 
 
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                      p: float) -> torch.Tensor:
-    """Softmax attention with dropout `p` on the probabilities; q, k, v (B, H, L, Dh), attn_mask
-    (B, 1, 1, L) bool (True = attend) or None. Chunked over queries; see the module docstring."""
-    B, H, L, _ = q.shape
-    S = k.shape[2]
-    c = max(1, CHUNK_ELEMENTS // (B * H * S))
-    recompute = B * H * L * S > STORE_ELEMENTS and torch.is_grad_enabled()
-    outs = []
-    for i in range(0, L, c):
-        if recompute:
-            outs.append(checkpoint(_chunk_attention, q[:, :, i:i + c], k, v, attn_mask, p, use_reentrant=False))
-        else:
-            outs.append(_chunk_attention(q[:, :, i:i + c], k, v, attn_mask, p))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, L, Dh)
+                      p: float, workspace: Workspace | None = None) -> torch.Tensor:
+    """Softmax attention with dropout `p` on the probabilities (a CPU path); q, k, v (B, H, L, Dh),
+    attn_mask (B, 1, 1, L) bool (True = attend) or None. Chunked over queries; see the module docstring.
+    `workspace` (reused memory) only changes the speed, never the result."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _DropoutAttention.apply(q, k, v, attn_mask, p, needs_grad, workspace or Workspace())
 
 
 class SoftmaxAttention(AttentionBackend):
@@ -60,6 +205,7 @@ class SoftmaxAttention(AttentionBackend):
     ) -> None:
         super().__init__(num_heads, head_dim, max_len)
         self.attn_dropout = attn_dropout
+        self._workspace = Workspace()  # memory of the dropout path, reused from call to call
 
     def forward(
         self,
@@ -72,6 +218,6 @@ class SoftmaxAttention(AttentionBackend):
         if key_padding_mask is not None:
             attn_mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, L) True = attend
         p = self.attn_dropout if self.training else 0.0
-        if p > 0.0 and q.device.type == "cpu":
-            return dropout_attention(q, k, v, attn_mask, p)
+        if p > 0.0 and q.device.type == "cpu" and quantized_p(p) > 0.0:
+            return dropout_attention(q, k, v, attn_mask, p, self._workspace)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
