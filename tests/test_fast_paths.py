@@ -181,9 +181,11 @@ def test_dropout_attention_equals_formula_given_the_mask(monkeypatch, padded, re
     weight = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
     ws = softmax_mod.Workspace()
-    for _ in range(2):  # the second call reuses the workspace's memory
+    all_real = torch.ones(B, 1, 1, L, dtype=torch.bool)  # the same as no mask
+    for call in range(2):  # the second call reuses the workspace's memory
         torch.manual_seed(7)
-        out = softmax_mod.dropout_attention(q, k, v, None if pad is None else pad[:, None, None, :], p, ws)
+        attn_mask = (None if call == 0 else all_real) if pad is None else pad[:, None, None, :]
+        out = softmax_mod.dropout_attention(q, k, v, attn_mask, p, ws)
         grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         for a, b in zip(grads, ref_grads):

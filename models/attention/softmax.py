@@ -77,7 +77,7 @@ class _Chunks:
         self.vs = (v * self.keep_scale).reshape(self.BH, S, Dh)  # (BH, S, Dh)
         self.threshold = keep_threshold(p)
         self.bias = None
-        if attn_mask is not None:  # (B, 1, 1, S) True = attend -> additive (BH, 1, S)
+        if attn_mask is not None and not bool(attn_mask.all()):  # (B, 1, 1, S) True = attend -> (BH, 1, S)
             bias = torch.zeros(B, 1, 1, S, dtype=q.dtype).masked_fill_(~attn_mask, torch.finfo(q.dtype).min)
             self.bias = bias.expand(B, H, 1, S).reshape(self.BH, 1, S)
         self.c = max(1, min(L, chunk_elements // (self.BH * S)))  # queries per chunk
@@ -148,8 +148,7 @@ class _DropoutAttention(torch.autograd.Function):
         dO = grad.reshape(st.BH, st.L, -1)  # (BH, L, Dh)
         delta = (dO * out).sum(-1, keepdim=True)  # (BH, L, 1) = rowsum(dD * D) per query
         dqs = []
-        dk = torch.zeros_like(st.k)
-        dv = torch.zeros_like(st.vs)
+        dk = dv = None
         n = st.BH * st.c * st.S
         dS_buf = st.ws.get("dS", n, dO.dtype)
         if store:
@@ -169,10 +168,11 @@ class _DropoutAttention(torch.autograd.Function):
                 dOc = dO[:, i:i + c]  # (BH, c, Dh)
                 dS = _views(dS_buf, (st.BH, c, st.S))
                 torch.bmm(dOc, st.vs.transpose(1, 2), out=dS)  # dD
-                dv.baddbmm_(D.transpose(1, 2), dOc)
+                dv = torch.bmm(D.transpose(1, 2), dOc) if dv is None else dv.baddbmm_(D.transpose(1, 2), dOc)
                 dS.mul_(D).addcmul_(P, delta[:, i:i + c], value=-1.0)  # dS = D*dD - P*delta
                 dqs.append(torch.bmm(dS, st.k))  # (BH, c, Dh)
-                dk.baddbmm_(dS.transpose(1, 2), st.qs[:, i:i + c])
+                qc = st.qs[:, i:i + c]  # (BH, c, Dh)
+                dk = torch.bmm(dS.transpose(1, 2), qc) if dk is None else dk.baddbmm_(dS.transpose(1, 2), qc)
         finally:
             if not store:
                 torch.set_rng_state(now)
