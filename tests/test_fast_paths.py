@@ -3,6 +3,7 @@ plain computation it replaces (same draws replayed through a plain formula), not
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -216,7 +217,15 @@ def test_workspace_busy_or_reused_never_changes_gradients():
     for out, seed in ((b, 4), (a, 3)):
         for x, y in zip(torch.autograd.grad(out.sum(), (q, k, v)), fresh_grads(seed)):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-    a = call(5)
+    held = call(7)  # a graph that is never backpropagated holds the memory until it is freed
+    att = softmax_mod.SoftmaxAttention(H, D, attn_dropout=p)
+    att._workspace = ws
+    copied = pickle.loads(pickle.dumps(att))  # the memory and its owner are not copied
+    assert copied._workspace is not ws and copied._workspace.generation == 0
+    generation = ws.generation
+    del held
+    a = call(5)  # the freed graph's memory is reused
+    assert ws.generation == generation + 1
     first = torch.autograd.grad(a.sum(), (q, k, v), retain_graph=True)
     call(6).sum().backward()  # takes the workspace again
     for x, y, z in zip(torch.autograd.grad(a.sum(), (q, k, v)), first, fresh_grads(5)):

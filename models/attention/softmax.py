@@ -41,6 +41,12 @@ class Workspace:
         self._owner: weakref.ref | None = None  # the autograd node whose backward still needs "P", "D"
         self.generation = 0  # bumped whenever "P", "D" are handed out again
 
+    def __getstate__(self) -> dict:  # copies and pickles of a module start empty: memory is not state
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
     def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer of n elements (contents undefined)."""
         buf = self._bufs.get(name)
