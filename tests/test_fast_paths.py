@@ -263,3 +263,30 @@ def test_attention_dropout_keep_rate_and_independence():
     assert torch.equal(mask_of_one_call(), m1)  # reproducible under the run's seed
     att.eval()
     torch.testing.assert_close(att(q, q, v, None), F.scaled_dot_product_attention(q, q, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropout_attention_under_cpu_autocast(dtype):
+    """precision=bf16 / 16-mixed: the path runs in the autocast dtype (as the matmuls would) and gives fp32
+    inputs fp32 gradients; same draws as on inputs cast by hand, and near the fp32 result."""
+    from models.attention.softmax import SoftmaxAttention
+
+    att = SoftmaxAttention(2, 8, attn_dropout=0.1).train()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 10:] = False
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=dtype):
+        out = att(q, k, v, mask)
+    assert out.dtype == dtype
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(x.dtype == torch.float32 for x in grads)
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(0)
+    ref = att(*low, mask)
+    assert torch.equal(out, ref)
+    for x, y in zip(grads, torch.autograd.grad(ref.float().square().sum(), low)):
+        assert torch.equal(x, y.float())
+    torch.manual_seed(0)
+    torch.testing.assert_close(out.float(), att(q, k, v, mask), rtol=0.05, atol=0.05)

@@ -151,7 +151,7 @@ class _DropoutAttention(torch.autograd.Function):
         # stored P, D are valid unless the workspace was handed out again (a second backward with
         # retain_graph after a later forward): then recompute them like the long-input path
         store = ctx.store and st.ws.generation == ctx.generation
-        dO = grad.reshape(st.BH, st.L, -1)  # (BH, L, Dh)
+        dO = grad.to(out.dtype).reshape(st.BH, st.L, -1)  # (BH, L, Dh)
         delta = (dO * out).sum(-1, keepdim=True)  # (BH, L, 1) = rowsum(dD * D) per query
         dqs = []
         dk = dv = None
@@ -190,12 +190,17 @@ class _DropoutAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+@torch.compiler.disable  # a hand-scheduled sequence of kernels with its own draws: always run eagerly
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                       p: float, workspace: Workspace | None = None) -> torch.Tensor:
     """Softmax attention with dropout `p` on the probabilities (a CPU path); q, k, v (B, H, L, Dh),
     attn_mask (B, 1, 1, L) bool (True = attend) or None. Chunked over queries; see the module docstring.
     `workspace` (reused memory) only changes the speed, never the result."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if torch.is_autocast_enabled("cpu"):  # mixed precision: everything in the autocast dtype, like the matmuls
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return dropout_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask, p, workspace)
     q, k, v = (t.contiguous() for t in (q, k, v))
     return _DropoutAttention.apply(q, k, v, attn_mask, p, needs_grad, workspace or Workspace())
 
