@@ -4,6 +4,7 @@ v, with and without padding, padded keys in or out of the normaliser, feature ε
 scales. Tiny sizes; the file runs in seconds."""
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -106,3 +107,34 @@ def test_float32_agrees_with_float64():
         grads.append([out.detach().double()] + [x.grad.double() for x in leaves])
     for ours, ref in zip(*grads):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_maps_are_reused_between_steps_without_changing_results():
+    """The module lends its two feature maps to each training forward and gets them back from the backward;
+    the next step reuses the same memory and computes what a call without reuse computes."""
+    attn = performer_module.PerformerAttention(H, DH, num_features=M, feature_seed=0, logit_scale="1/Dh",
+                                               feature_eps=1e-4).double().train()
+    mask = MASKS["padded"]
+    seen = []
+    for seed in (1, 2, 3):
+        q, k, v, _ = inputs(seed)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        attn(*leaves, mask).square().sum().backward()
+        seen.append(sorted(t.data_ptr() for t in attn.feature_maps.free))
+        fresh = [x.clone().requires_grad_() for x in (q, k, v)]
+        performer_attention(*fresh, attn.projection, "softmax", mask, "1/Dh", False, 1e-4).square().sum().backward()
+        for a, b in zip(leaves, fresh):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]
+    assert not copy.deepcopy(attn).feature_maps.free  # scratch memory is not copied
+
+
+def test_a_kept_graph_whose_maps_were_reused_fails_loudly():
+    attn = performer_module.PerformerAttention(H, DH, num_features=M, feature_seed=0, feature_eps=1e-4).double()
+    q, k, v, _ = inputs(4)
+    q.requires_grad_()
+    out = attn(q, k, v)
+    out.sum().backward(retain_graph=True)
+    attn(q, k, v)  # takes the maps the kept graph still refers to, and overwrites them
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()

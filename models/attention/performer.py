@@ -47,11 +47,12 @@ def orthogonal_features(
 
 
 def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: bool, half_scale: float,
-                     pad_rows: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                     pad_rows: torch.Tensor | None = None, eps: float = 0.0,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """e = exp(ω·x − |x|²/2 − stab) (N*L, m) of rows x2 (N*L, Dh); the softmax feature is e + eps, the ε
     being added in _FavorSoftmax's small sums, never on this tensor. w (m, Dh) is the projection times the
     data scale c, so ω·x = x2 @ wᵀ and |x|²/2 = half_scale * |x2|² (half_scale = c²/2). Padded keys
-    (pad_rows (N*L, 1) True) get e = 0.
+    (pad_rows (N*L, 1) True) get e = 0. out: an (N*L, m) tensor to write e into (else a new one).
 
     The stabilisers are constants (no gradient): queries subtract their row max of ω·x, keys one max per
     example-and-head group over its real keys. eps = 0: all but ω·x cancels between numerator and
@@ -60,7 +61,7 @@ def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: b
     A GEMM, a max and two in-place passes per block of rows; no autograd (see _FavorSoftmax)."""
     NL, m = x2.shape[0], w.shape[0]
     L = NL // groups
-    e = x2.new_empty(NL, m)  # (N*L, m)
+    e = x2.new_empty(NL, m) if out is None else out  # (N*L, m)
     half = None if is_query and not eps else x2.square().sum(-1, keepdim=True).mul_(half_scale)  # (N*L, 1)
     # block by block, so that the max and the exp passes run in cache; keys by whole examples (one max each)
     for n0, n1, l0, l1 in _blocks(groups, L, BLOCK_ROWS if is_query else L):
@@ -79,6 +80,35 @@ def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: b
             bias.masked_fill_(pad_rows[r0:r1], float("inf"))  # exp(−inf) = 0 for padded keys
         z.sub_(bias).exp_()
     return e
+
+
+class FeatureMaps:
+    """Free (N*L, m) feature maps of one module, reused from one training step to the next: the allocator
+    hands a fresh map of this size back to the OS when freed and the next one pays a page fault per 4 KiB
+    page on first touch (about a sixth of the preset's layer time). A forward takes maps (or allocates),
+    its backward gives them back when done. Should a kept graph (retain_graph) have its maps reused by a
+    later forward, autograd's in-place check fails that graph's next backward instead of going wrong."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep, self.free = keep, []  # free: at most `keep` maps, the latest given back
+
+    def take(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        for i, t in enumerate(self.free):
+            if t.shape == (rows, cols) and t.dtype == like.dtype and t.device == like.device:
+                return self.free.pop(i)
+        return like.new_empty(rows, cols)
+
+    def give(self, *maps: torch.Tensor) -> None:
+        for t in maps:
+            if not t.is_inference() and all(t.data_ptr() != f.data_ptr() for f in self.free):
+                self.free.append(t)
+        del self.free[: max(0, len(self.free) - self.keep)]
+
+    def __deepcopy__(self, memo: dict) -> FeatureMaps:
+        return FeatureMaps(self.keep)  # a copy starts empty: the maps are scratch memory, not state
+
+    def __getstate__(self) -> dict:
+        return {"keep": self.keep, "free": []}
 
 
 def _blocks(N: int, L: int, rows: int | None = None) -> Iterator[tuple[int, int, int, int]]:
@@ -100,10 +130,11 @@ class _FavorSoftmax(torch.autograd.Function):
     are the two e maps (saved for the backward) and one gradient buffer per side, updated in place."""
 
     @staticmethod
-    def forward(ctx, q2, k2, v, w, pad_rows, eps, half_scale):  # q2, k2: (N*L, Dh); v: (N, L, Dh); w: (m, Dh)
+    def forward(ctx, q2, k2, v, w, pad_rows, eps, half_scale, maps):  # q2, k2: (N*L, Dh); v: (N, L, Dh); w: (m, Dh)
         N, L, D = v.shape
-        eq = softmax_features(q2, w, N, True, half_scale, None, eps).view(N, L, -1)  # (N, L, m)
-        ek = softmax_features(k2, w, N, False, half_scale, pad_rows, eps).view(N, L, -1)  # (N, L, m)
+        bq, bk = (None, None) if maps is None else (maps.take(N * L, w.shape[0], q2) for _ in range(2))
+        eq = softmax_features(q2, w, N, True, half_scale, None, eps, bq).view(N, L, -1)  # (N, L, m)
+        ek = softmax_features(k2, w, N, False, half_scale, pad_rows, eps, bk).view(N, L, -1)  # (N, L, m)
         real = v.new_ones(N, L, 1) if pad_rows is None else (~pad_rows).to(v.dtype).view(N, L, 1)  # (N, L, 1)
         v1 = torch.cat([v * real, real], -1)  # (N, L, Dh+1): 0 on padded keys; the last column sums z
         s_t = torch.bmm(v1.transpose(1, 2), ek)  # (N, Dh+1, m)
@@ -114,7 +145,7 @@ class _FavorSoftmax(torch.autograd.Function):
             o1 += eps * s_t.sum(-1)[:, None, :]  # the queries' ε
         den = o1[..., D:].clamp_min(torch.finfo(o1.dtype).tiny)  # (N, L, 1)
         out = o1[..., :D] / den  # (N, L, Dh)
-        ctx.eps, ctx.half_scale = eps, half_scale
+        ctx.eps, ctx.half_scale, ctx.maps = eps, half_scale, maps
         ctx.save_for_backward(q2, k2, w, v1, eq, ek, s_t, den, out)
         return out
 
@@ -151,7 +182,9 @@ class _FavorSoftmax(torch.autograd.Function):
         g_aq, g_ak = g_aq.view(N * L, -1), g_ak.view(N * L, -1)  # (N*L, Dh or Dh+1)
         g_q = torch.addcmul(g_aq[:, :D], q2, g_aq[:, D:], value=-c2) if eps else g_aq  # (N*L, Dh)
         g_k = torch.addcmul(g_ak[:, :D], k2, g_ak[:, D:], value=-c2)  # (N*L, Dh)
-        return g_q, g_k, g_v, None, None, None, None
+        if ctx.maps is not None:
+            ctx.maps.give(eq.view(N * L, -1), ek.view(N * L, -1))
+        return g_q, g_k, g_v, None, None, None, None, None
 
 
 def performer_attention(
@@ -164,11 +197,12 @@ def performer_attention(
     logit_scale: str = "1/sqrt(Dh)",
     pad_in_normaliser: bool = False,
     feature_eps: float = 0.0,
+    feature_maps: FeatureMaps | None = None,
 ) -> torch.Tensor:
     """FAVOR+ attention. q, k, v: (B, H, L, Dh); projection: (m, Dh); mask (B, L) bool, True = real.
     Returns (B, H, L, Dh) in q's dtype; features and sums run in at least fp32 with autocast off.
     logit_scale "1/Dh", pad_in_normaliser=True and feature_eps=1e-4 give the authors' computation
-    (module docstring)."""
+    (module docstring). feature_maps: scratch maps reused between calls (softmax kernel; see FeatureMaps)."""
     if kernel not in KERNELS:
         raise AttentionConfigError(f"performer: kernel must be one of {KERNELS}, got '{kernel}'")
     if logit_scale not in LOGIT_SCALES:
@@ -188,7 +222,8 @@ def performer_attention(
         q2, k2 = q.to(acc).reshape(B * H * L, D), k.to(acc).reshape(B * H * L, D)  # (B*H*L, Dh)
         v3 = v.to(acc).reshape(B * H, L, D)  # (B*H, L, Dh)
         if kernel == "softmax":
-            out = _FavorSoftmax.apply(q2, k2, v3, w, pad_rows, float(feature_eps), c * c / 2)  # (B*H, L, Dh)
+            out = _FavorSoftmax.apply(q2, k2, v3, w, pad_rows, float(feature_eps), c * c / 2,
+                                      feature_maps)  # (B*H, L, Dh)
         else:
             qf = (torch.relu(q2 @ w.T) + RELU_EPS).view(B * H, L, -1)  # (B*H, L, m)
             kf = torch.relu(k2 @ w.T) + RELU_EPS  # (B*H*L, m)
@@ -242,6 +277,7 @@ class PerformerAttention(AttentionBackend):
         self.num_features, self.kernel, self.redraw = num_features, kernel, redraw
         gen = None if feature_seed is None else torch.Generator().manual_seed(feature_seed)
         self.register_buffer("projection", orthogonal_features(num_features, head_dim, gen))  # (m, Dh)
+        self.feature_maps = FeatureMaps()  # scratch memory reused between training steps, not state
 
     @torch.no_grad()
     def redraw_features(self) -> None:
@@ -259,7 +295,7 @@ class PerformerAttention(AttentionBackend):
         if self.redraw and self.training:
             self.redraw_features()
         return performer_attention(q, k, v, self.projection, self.kernel, key_padding_mask, self.logit_scale,
-                                   self.pad_in_normaliser, self.feature_eps)
+                                   self.pad_in_normaliser, self.feature_eps, self.feature_maps)
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, kernel={self.kernel}, redraw={self.redraw}, "
