@@ -131,3 +131,23 @@ def test_approx_errors_match_plain_formula(tmp_path):
     assert s["entropy_nats"] < result["families"]["random"]["entropy_nats"] < s["uniform_entropy_nats"]
     assert "PASS" in approx_tables(result)
     assert plot_approx(result, tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_model_bench_batches_pad_variable_length_tasks_as_training_does():
+    """Every task's classifier is timed on a batch shaped like its DataModule's: pixel tasks all real
+    tokens, the others padded (so a fast path for unpadded batches cannot flatter the step)."""
+    import torch
+    from hydra.utils import get_class
+
+    from lra.bench.workloads import padded_batch
+    from lra.config import compose, task_names
+
+    kinds = set()
+    for task in task_names():
+        reader = get_class(compose([f"task={task}"]).task.reader._target_)
+        ids, mask = padded_batch(8, 64, reader.vocab_size, reader.fixed_length, torch.Generator().manual_seed(0))
+        assert ids.shape == mask.shape == (8, 64) and bool(mask[0].all())  # the padded length is the length
+        assert bool((ids[~mask] == 0).all()) and bool((ids[mask] > 0).all())
+        assert bool(mask.all()) == reader.fixed_length, task
+        kinds.add(reader.fixed_length)
+    assert kinds == {True, False}  # both kinds of task exist in conf/task/

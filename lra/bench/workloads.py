@@ -90,6 +90,21 @@ def layer_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
     return Workload(forward, train_step, spec["batch"] * n, spec["batch"], n)
 
 
+def padded_batch(batch: int, n: int, vocab_size: int, fixed_length: bool,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as the DataModule hands it over: ids (B, n) and mask (B, n), True = real token. Tasks of
+    variable length (ListOps, Text, Retrieval) get real lengths drawn uniformly from n/4..n, the first
+    example full, so the padded length is n and masking costs what it costs in training; pixel tasks
+    (`fixed_length`) are all real tokens, as their batches are."""
+    lengths = torch.full((batch,), n)
+    if not fixed_length:
+        lengths = torch.randint(max(1, n // 4), n + 1, (batch,), generator=generator)
+        lengths[0] = n
+    mask = torch.arange(n)[None, :] < lengths[:, None]  # (B, n)
+    ids = torch.randint(1, vocab_size, (batch, n), generator=generator).masked_fill(~mask, 0)  # 0: padding
+    return ids, mask
+
+
 def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
     """The task's classifier with its optimizer: the protocol preset's model (`spec["preset"]`, e.g.
     nystromformer: conf/experiment/nystromformer/<task>.yaml with the backend's protocol options) or, with
@@ -106,19 +121,19 @@ def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
         overrides.append(f"task.max_len={spec['model_length']}")
     overrides += [f"attention.{k}={_hydra_value(v)}" for k, v in impl["options"].items()]
     cfg = compose(overrides)
-    vocab_size = get_class(cfg.task.reader._target_).vocab_size  # a class attribute: no data is read
-    num_classes = int(cfg.task.num_classes)
+    reader = get_class(cfg.task.reader._target_)  # class attributes only: no data is read
+    vocab_size, num_classes = reader.vocab_size, int(cfg.task.num_classes)
     n = int(cfg.task.max_len)
     batch = int(spec.get("model_batch") or cfg.data.batch_size)
     net = build_net(cfg, vocab_size, num_classes)  # every model argument from the config, as lra-train builds it
     net = net.to(device=device, dtype=DTYPES[spec["dtype"]]).train()
     opt = instantiate(cfg.optimizer)(net.parameters())
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, vocab_size, (batch, n), generator=g).to(device)  # (B, n), all real tokens
-    data = {"input_ids": ids, "mask": torch.ones_like(ids, dtype=torch.bool)}
+    ids, mask = padded_batch(batch, n, vocab_size, reader.fixed_length, g)
+    data = {"input_ids": ids.to(device), "mask": mask.to(device)}
     docs = 1
     if cfg.task.head == "dual":  # Retrieval: a second document per example
-        data.update(input_ids2=ids.roll(1, 0), mask2=data["mask"])
+        data.update(input_ids2=data["input_ids"].roll(1, 0), mask2=data["mask"].roll(1, 0))
         docs = 2
     labels = torch.randint(0, num_classes, (batch,), generator=g).to(device)
 

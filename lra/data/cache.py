@@ -56,6 +56,7 @@ class TaskReader(ABC):
     vocab_size: int = 0
     pair: bool = False
     val_is_test: bool = False  # the task has no validation split of its own: its test split stands in (Text)
+    fixed_length: bool = False  # every example has exactly max_len tokens (pixels): batches carry no padding
 
     def __init__(self, max_len: int) -> None:
         self.max_len = int(max_len)

@@ -86,6 +86,7 @@ class ImageReader(TaskReader):
     name = "image"
     num_classes = 10
     vocab_size = 256
+    fixed_length = True  # one token per pixel of a fixed-size image
 
     def __init__(self, max_len: int = 1024, source_format: str = "auto") -> None:
         super().__init__(max_len)

@@ -99,6 +99,7 @@ class PathfinderReader(TaskReader):
     name = "pathfinder"
     num_classes = 2
     vocab_size = 256
+    fixed_length = True  # one token per pixel of a fixed-size image
 
     def __init__(self, max_len: int = 1024, resolution: int = 32, difficulty: str | int = "curv_contour_length_14",
                  seed: int = 0, max_skipped: int = 100, name: str = "pathfinder") -> None:
