@@ -76,12 +76,25 @@ def test_function_equals_plain_formula_with_gradients(mask_name, pad_in_normalis
     compare(mask_name, pad_in_normaliser, eps, logit_scale)
 
 
-@pytest.mark.parametrize("rows", [5, L, 2 * L + 1])
+@pytest.mark.parametrize("rows", [5, L, 2 * L + 1, 10**9])
 @pytest.mark.parametrize("pad_in_normaliser,eps", [(False, 0.0), (False, 1e-4), (True, 1e-4)])
 def test_blocked_passes_equal_plain_formula(monkeypatch, rows, pad_in_normaliser, eps):
-    """Blocks within an example (with a shorter last one), one example, and several whole examples."""
+    """Blocks within an example (with a shorter last one), one example, several whole examples, and one
+    block of everything (what more than one thread runs)."""
     monkeypatch.setattr(performer_module, "BLOCK_ROWS", rows)
     compare("padded", pad_in_normaliser, eps, "1/Dh")
+
+
+def test_several_threads_run_one_block_and_equal_plain_formula():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert performer_module._rows_per_block(B * H, L) == B * H * L
+        compare("padded", False, 1e-4, "1/Dh")
+    finally:
+        torch.set_num_threads(threads)
+    if threads == 1:
+        assert performer_module._rows_per_block(B * H, L) == performer_module.BLOCK_ROWS
 
 
 def test_reference_discriminates_the_stabilisers_when_eps_is_set():
@@ -125,7 +138,7 @@ def test_feature_maps_are_reused_between_steps_without_changing_results():
         performer_attention(*fresh, attn.projection, "softmax", mask, "1/Dh", False, 1e-4).square().sum().backward()
         for a, b in zip(leaves, fresh):
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]
+    assert len(seen[0]) == 3 and seen[0] == seen[1] == seen[2]  # two feature maps and the backward's buffer
     assert not copy.deepcopy(attn).feature_maps.free  # scratch memory is not copied
 
 

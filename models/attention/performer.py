@@ -27,7 +27,7 @@ from models.attention.base import AttentionBackend, AttentionConfigError
 RELU_EPS = 1e-3  # keeps relu-feature normalisers positive (the Performer paper's generalized-kernel epsilon)
 KERNELS = ("softmax", "relu")
 LOGIT_SCALES = ("1/sqrt(Dh)", "1/Dh")
-BLOCK_ROWS = 512  # rows of an (N*L, m) feature map handled at once (512 x 256 fp32 = 512 KiB stays in cache)
+BLOCK_ROWS = 512  # rows of an (N*L, m) map handled at once on one thread (512 x 256 fp32 = 512 KiB, in cache)
 
 
 def orthogonal_features(
@@ -64,7 +64,8 @@ def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: b
     e = x2.new_empty(NL, m) if out is None else out  # (N*L, m)
     half = None if is_query and not eps else x2.square().sum(-1, keepdim=True).mul_(half_scale)  # (N*L, 1)
     # block by block, so that the max and the exp passes run in cache; keys by whole examples (one max each)
-    for n0, n1, l0, l1 in _blocks(groups, L, BLOCK_ROWS if is_query else L):
+    rows = _rows_per_block(groups, L)
+    for n0, n1, l0, l1 in _blocks(groups, L, rows if is_query else max(rows, L)):
         r0, r1 = n0 * L + l0, (n1 - 1) * L + l1  # the block's rows of (N*L, ·)
         z = torch.mm(x2[r0:r1], w.T, out=e[r0:r1])  # (rows, m): ω·x
         row_max = z.amax(-1, keepdim=True)  # (rows, 1)
@@ -86,17 +87,17 @@ class FeatureMaps:
     """Free (N*L, m) feature maps of one module, reused from one training step to the next: the allocator
     hands a fresh map of this size back to the OS when freed and the next one pays a page fault per 4 KiB
     page on first touch (about a sixth of the preset's layer time). A forward takes maps (or allocates),
-    its backward gives them back when done. Should a kept graph (retain_graph) have its maps reused by a
+    its backward gives them back when done, with its own d/dz buffer. Should a kept graph (retain_graph) have its maps reused by a
     later forward, autograd's in-place check fails that graph's next backward instead of going wrong."""
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, keep: int = 3) -> None:
         self.keep, self.free = keep, []  # free: at most `keep` maps, the latest given back
 
-    def take(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         for i, t in enumerate(self.free):
-            if t.shape == (rows, cols) and t.dtype == like.dtype and t.device == like.device:
+            if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
                 return self.free.pop(i)
-        return like.new_empty(rows, cols)
+        return like.new_empty(shape)
 
     def give(self, *maps: torch.Tensor) -> None:
         for t in maps:
@@ -111,10 +112,15 @@ class FeatureMaps:
         return {"keep": self.keep, "free": []}
 
 
-def _blocks(N: int, L: int, rows: int | None = None) -> Iterator[tuple[int, int, int, int]]:
-    """(n0, n1, l0, l1) blocks of about `rows` rows of an (N, L) grid: within one example, or whole examples
-    when L < rows."""
-    rows = rows or BLOCK_ROWS
+def _rows_per_block(N: int, L: int) -> int:
+    """BLOCK_ROWS on one thread; one block of all N*L rows with more: many small parallel regions make the
+    threads wait on each other (measured: several times slower on a shared 2-core machine)."""
+    return BLOCK_ROWS if torch.get_num_threads() == 1 else N * L
+
+
+def _blocks(N: int, L: int, rows: int) -> Iterator[tuple[int, int, int, int]]:
+    """(n0, n1, l0, l1) blocks of at most `rows` rows of an (N, L) grid: within one example, or whole
+    examples when L < rows."""
     if L >= rows:
         for n in range(N):
             for l0 in range(0, L, rows):
@@ -132,7 +138,7 @@ class _FavorSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q2, k2, v, w, pad_rows, eps, half_scale, maps):  # q2, k2: (N*L, Dh); v: (N, L, Dh); w: (m, Dh)
         N, L, D = v.shape
-        bq, bk = (None, None) if maps is None else (maps.take(N * L, w.shape[0], q2) for _ in range(2))
+        bq, bk = (None, None) if maps is None else (maps.take((N * L, w.shape[0]), q2) for _ in range(2))
         eq = softmax_features(q2, w, N, True, half_scale, None, eps, bq).view(N, L, -1)  # (N, L, m)
         ek = softmax_features(k2, w, N, False, half_scale, pad_rows, eps, bk).view(N, L, -1)  # (N, L, m)
         real = v.new_ones(N, L, 1) if pad_rows is None else (~pad_rows).to(v.dtype).view(N, L, 1)  # (N, L, 1)
@@ -163,16 +169,18 @@ class _FavorSoftmax(torch.autograd.Function):
         g_aq = out.new_empty(N, L, wq.shape[1])  # (N, L, Dh or Dh+1): g_z @ wq for the queries
         g_ak = out.new_empty(N, L, D + 1)  # (N, L, Dh+1)
         g_v = torch.empty_like(out)  # (N, L, Dh)
-        buf = out.new_empty(min(N * L, max(BLOCK_ROWS, L)) * m)  # one block of d/dz, reused (cache-sized)
-        # d/dz of the features, e ⊙ (g_φ), block by block so that it never leaves the cache
-        for n0, n1, l0, l1 in _blocks(N, L):
+        rows = _rows_per_block(N, L)
+        size = (min(N * L, rows) * m,)
+        buf = out.new_empty(size) if ctx.maps is None else ctx.maps.take(size, out)  # d/dz of one block
+        # d/dz of the features, e ⊙ (g_φ), block by block so that it stays in cache (one thread)
+        for n0, n1, l0, l1 in _blocks(N, L, rows):
             e, g = eq[n0:n1, l0:l1], g_o1[n0:n1, l0:l1]  # (n, l, m), (n, l, Dh+1)
             g_s_t[n0:n1].baddbmm_(g.transpose(1, 2), e)
             g_z = torch.bmm(g, s_t[n0:n1], out=buf[: e.numel()].view(e.shape)).mul_(e)  # de/dz = e
             torch.mm(g_z.view(-1, m), wq, out=g_aq[n0:n1, l0:l1].view(-1, wq.shape[1]))
         if eps:
             g_s_t += eps * g_o1.sum(1)[..., None]  # the queries' ε
-        for n0, n1, l0, l1 in _blocks(N, L):
+        for n0, n1, l0, l1 in _blocks(N, L, rows):
             e, v_b = ek[n0:n1, l0:l1], v1[n0:n1, l0:l1]  # (n, l, m), (n, l, Dh+1)
             torch.bmm(e, g_s_t[n0:n1, :D].transpose(1, 2), out=g_v[n0:n1, l0:l1])
             g_z = torch.bmm(v_b, g_s_t[n0:n1], out=buf[: e.numel()].view(e.shape)).mul_(e)  # 0 on padded keys
@@ -183,7 +191,7 @@ class _FavorSoftmax(torch.autograd.Function):
         g_q = torch.addcmul(g_aq[:, :D], q2, g_aq[:, D:], value=-c2) if eps else g_aq  # (N*L, Dh)
         g_k = torch.addcmul(g_ak[:, :D], k2, g_ak[:, D:], value=-c2)  # (N*L, Dh)
         if ctx.maps is not None:
-            ctx.maps.give(eq.view(N * L, -1), ek.view(N * L, -1))
+            ctx.maps.give(eq.view(N * L, -1), ek.view(N * L, -1), buf)
         return g_q, g_k, g_v, None, None, None, None, None
 
 
