@@ -163,10 +163,9 @@ class _FavorSoftmax(torch.autograd.Function):
         N, L, D = out.shape
         m = w.shape[0]
         w1 = torch.cat([w, w.new_ones(m, 1)], -1)  # (m, Dh+1): the last column sums a row over m
-        wq = w1 if eps else w  # eps = 0: the queries' |x|²/2 cancels, no row sums needed
         g_o1 = torch.cat([g_out, -(g_out * out).sum(-1, keepdim=True)], -1).div_(den)  # (N, L, Dh+1)
         g_s_t = torch.zeros_like(s_t)  # (N, Dh+1, m)
-        g_aq = out.new_empty(N, L, wq.shape[1])  # (N, L, Dh or Dh+1): g_z @ wq for the queries
+        g_aq = torch.empty_like(out)  # (N, L, Dh): g_z @ w for the queries
         g_ak = out.new_empty(N, L, D + 1)  # (N, L, Dh+1)
         g_v = torch.empty_like(out)  # (N, L, Dh)
         rows = _rows_per_block(N, L)
@@ -177,7 +176,7 @@ class _FavorSoftmax(torch.autograd.Function):
             e, g = eq[n0:n1, l0:l1], g_o1[n0:n1, l0:l1]  # (n, l, m), (n, l, Dh+1)
             g_s_t[n0:n1].baddbmm_(g.transpose(1, 2), e)
             g_z = torch.bmm(g, s_t[n0:n1], out=buf[: e.numel()].view(e.shape)).mul_(e)  # de/dz = e
-            torch.mm(g_z.view(-1, m), wq, out=g_aq[n0:n1, l0:l1].view(-1, wq.shape[1]))
+            torch.mm(g_z.view(-1, m), w, out=g_aq[n0:n1, l0:l1].view(-1, D))
         if eps:
             g_s_t += eps * g_o1.sum(1)[..., None]  # the queries' ε
         for n0, n1, l0, l1 in _blocks(N, L, rows):
@@ -187,8 +186,12 @@ class _FavorSoftmax(torch.autograd.Function):
             torch.mm(g_z.view(-1, m), w1, out=g_ak[n0:n1, l0:l1].view(-1, D + 1))
         if eps:
             g_v += eps * g_s_t[:, :D].sum(-1)[:, None, :] * v1[..., D:]  # the keys' ε, real keys only
-        g_aq, g_ak = g_aq.view(N * L, -1), g_ak.view(N * L, -1)  # (N*L, Dh or Dh+1)
-        g_q = torch.addcmul(g_aq[:, :D], q2, g_aq[:, D:], value=-c2) if eps else g_aq  # (N*L, Dh)
+        g_q = g_aq.view(N * L, D)  # (N*L, Dh)
+        if eps:  # the queries' |x|²/2 no longer cancels. Its factor, Σ_m of g_z's row, is g_o1·(o1 − ε Σ_m s_t)
+            # = −ε g_o1·Σ_m s_t, as g_o1·o1 = 0 (the output is invariant to scaling o1)
+            row_sum = (g_o1 * s_t.sum(-1)[:, None, :]).sum(-1, keepdim=True).mul_(-eps)  # (N, L, 1)
+            g_q = g_q.addcmul_(q2, row_sum.view(N * L, 1), value=-c2)
+        g_ak = g_ak.view(N * L, D + 1)  # (N*L, Dh+1)
         g_k = torch.addcmul(g_ak[:, :D], k2, g_ak[:, D:], value=-c2)  # (N*L, Dh)
         if ctx.maps is not None:
             ctx.maps.give(eq.view(N * L, -1), ek.view(N * L, -1), buf)
