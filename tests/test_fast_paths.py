@@ -48,21 +48,20 @@ def test_dropout_backward_uses_forward_mask_and_eval_is_identity():
         Dropout(1.0)
 
 
-def _plain(q, k, v, mask, p, seed, chunk=None):
-    """softmax attention with dropout on the probabilities, replaying the same draws: all queries at
-    once, or `chunk` queries at a time in order (each chunk draws its own words)."""
+def _plain(q, k, v, mask, p, seed):
+    """softmax attention with dropout on the probabilities, drawing the same words: all at once, in
+    (B, H, queries, keys) order."""
     torch.manual_seed(seed)
-    outs = []
-    step = chunk or q.shape[2]
-    for i in range(0, q.shape[2], step):
-        s = q[:, :, i:i + step] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
-        outs.append(dropout(s.softmax(-1), p, True) @ v)
-    return torch.cat(outs, 2)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
+    return dropout(s.softmax(-1), p, True) @ v
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_chunked_dropout_attention_equals_plain(monkeypatch, recompute):
+@pytest.mark.parametrize("chunk", ["all", "rows", "queries"])
+def test_chunked_dropout_attention_equals_plain(monkeypatch, recompute, chunk):
+    """Chunks of whole (L, L) matrices or of query blocks, P and D stored or recomputed: the words land on
+    the probabilities in (B, H, L, L) order, so every layout gives the one-draw plain result."""
     B, H, L, D = 2, 2, 24, 8
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -70,24 +69,16 @@ def test_chunked_dropout_attention_equals_plain(monkeypatch, recompute):
     mask[1, 17:] = False
     ref = _plain(q, k, v, mask, 0.2, seed=5)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-
-    # one chunk: the same draws in the same order as the plain computation
-    torch.manual_seed(5)
-    out = softmax_mod.dropout_attention(q, k, v, mask[:, None, None, :], 0.2)
-    assert torch.allclose(out, ref)
-    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), ref_grads))
-    # 5 queries a chunk (recomputed in backward, or stored): the plain formula chunk by chunk
-    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", B * H * 5 * L)
-    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", B * H * 5 * L)
+    budget = {"all": B * H * L * L, "rows": 3 * L * L, "queries": 7 * L}[chunk]  # 7 queries: 4 blocks, last of 3
+    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", budget)
     monkeypatch.setattr(softmax_mod, "STORE_ELEMENTS", 0 if recompute else 10**9)
-    ref = _plain(q, k, v, mask, 0.2, seed=5, chunk=5)
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     torch.manual_seed(5)
     out = softmax_mod.dropout_attention(q, k, v, mask[:, None, None, :], 0.2)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    assert torch.allclose(out, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, ref_grads):  # recomputation replays the chunk's draws exactly
-        assert torch.allclose(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_softmax_backend_with_dropout_keeps_padding_out():
@@ -151,14 +142,11 @@ def _reference_with_mask(q, k, v, pad, keep, p):
     return (s.softmax(-1) * keep / (1 - quantized_p(p))) @ v
 
 
-def _keep_mask(shape, p, seed, chunk):
-    """The keep mask the dropout path draws under `seed`: chunk after chunk of `chunk` queries, one int16
-    word per probability, kept when the word is >= keep_threshold(p)."""
-    B, H, L, S = shape
+def _keep_mask(shape, p, seed):
+    """The keep mask the dropout path draws under `seed`: one int16 word per probability in (B, H, L, S)
+    order, kept when the word is >= keep_threshold(p)."""
     torch.manual_seed(seed)
-    parts = [random_words(B * H * min(chunk, L - i) * S).view(B, H, -1, S) >= keep_threshold(p)
-             for i in range(0, L, chunk)]
-    return torch.cat(parts, 2).double()  # (B, H, L, S)
+    return (random_words(math.prod(shape)).view(shape) >= keep_threshold(p)).double()  # (B, H, L, S)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -166,9 +154,9 @@ def _keep_mask(shape, p, seed, chunk):
 def test_dropout_attention_equals_formula_given_the_mask(monkeypatch, padded, recompute):
     """float64: outputs and q, k, v gradients of the chunked path equal softmax * keep / (1 - p) @ V with the
     same keep mask, whether P and D are stored or recomputed (replayed draws) in backward."""
-    B, H, L, D, p, c = 2, 3, 20, 8, 0.3, 6
-    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", B * H * c * L)
-    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", B * H * c * L)
+    B, H, L, D, p = 2, 3, 20, 8, 0.3
+    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", 2 * L * L)  # 2 rows of the batch a chunk
+    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", 6 * L)  # 6 queries of one row a chunk
     monkeypatch.setattr(softmax_mod, "STORE_ELEMENTS", 0 if recompute else 10**9)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -176,7 +164,7 @@ def test_dropout_attention_equals_formula_given_the_mask(monkeypatch, padded, re
     if padded:
         pad = torch.ones(B, L, dtype=torch.bool)
         pad[0, 13:] = False
-    keep = _keep_mask((B, H, L, L), p, seed=7, chunk=c)
+    keep = _keep_mask((B, H, L, L), p, seed=7)
     assert 0 < keep.mean() < 1
     ref = _reference_with_mask(q, k, v, pad, keep, p)
     weight = torch.randn(ref.shape, generator=g, dtype=torch.float64)

@@ -25,8 +25,8 @@ from torch.autograd.function import once_differentiable
 from models.attention.base import AttentionBackend
 from models.dropout import keep_threshold, quantized_p, random_words
 
-CHUNK_ELEMENTS = 2**22  # scores (B x H x queries x keys) per chunk when P and D are stored (16 MB fp32)
-RECOMPUTE_CHUNK_ELEMENTS = 2**21  # per chunk when they are recomputed (long inputs: memory first)
+CHUNK_ELEMENTS = 2**20  # scores per chunk when P and D are stored (4 MB fp32; 2**18..2**20 measured best at L = 512)
+RECOMPUTE_CHUNK_ELEMENTS = 2**20  # per chunk when they are recomputed (long inputs)
 STORE_ELEMENTS = 2**26  # above this many scores in all, P and D are recomputed in backward
 
 
@@ -69,7 +69,10 @@ class Workspace:
 
 class _Chunks:
     """Shared state of one call: q pre-scaled by 1/√Dh, V pre-scaled by 1/(1 - p), the key-padding bias,
-    and scratch buffers of one chunk. All 3-D with batch B*H; keys S."""
+    and the chunks. All 3-D with batch BH = B*H; keys S. A chunk is (b0, b1, i0, i1): rows b0:b1 of the
+    batch, queries i0:i1: whole (L, S) matrices of as many rows as fit in `chunk_elements`, or, when
+    one does not fit, blocks of queries of one row. Either way each chunk is contiguous in (BH, L, S)
+    order and the chunks follow that order, so the draws land on the probabilities in that order."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                  p: float, ws: Workspace, chunk_elements: int) -> None:
@@ -86,19 +89,23 @@ class _Chunks:
         if attn_mask is not None and not bool(attn_mask.all()):  # (B, 1, 1, S) True = attend -> (BH, 1, S)
             bias = torch.zeros(B, 1, 1, S, dtype=q.dtype).masked_fill_(~attn_mask, torch.finfo(q.dtype).min)
             self.bias = bias.expand(B, H, 1, S).reshape(self.BH, 1, S)
-        self.c = max(1, min(L, chunk_elements // (self.BH * S)))  # queries per chunk
-
-    def starts(self) -> range:
-        return range(0, self.L, self.c)
-
-    def probs(self, i: int, P: torch.Tensor, D: torch.Tensor) -> None:
-        """Fill P (BH, c, S) with softmax(q kᵀ/√Dh + bias) of queries i : i + c and D with P times the
-        keep mask drawn now from the global generator (one 16-bit word per probability)."""
-        qc = self.qs[:, i:i + P.shape[1]]  # (BH, c, Dh)
-        if self.bias is None:
-            torch.bmm(qc, self.k.transpose(1, 2), out=P)
+        if L * S <= chunk_elements:
+            g = chunk_elements // (L * S)  # whole rows per chunk
+            self.chunks = [(b, min(b + g, self.BH), 0, L) for b in range(0, self.BH, g)]
         else:
-            torch.baddbmm(self.bias, qc, self.k.transpose(1, 2), out=P)
+            c = max(1, chunk_elements // S)  # queries per chunk of one row
+            self.chunks = [(b, b + 1, i, min(i + c, L)) for b in range(self.BH) for i in range(0, L, c)]
+        self.chunk_elements = max((b1 - b0) * (i1 - i0) * S for b0, b1, i0, i1 in self.chunks)
+
+    def probs(self, chunk: tuple[int, int, int, int], P: torch.Tensor, D: torch.Tensor) -> None:
+        """Fill P (b1 - b0, i1 - i0, S) with softmax(q kᵀ/√Dh + bias) of the chunk and D with P times the
+        keep mask drawn now from the global generator (one 16-bit word per probability)."""
+        b0, b1, i0, i1 = chunk
+        qc, kT = self.qs[b0:b1, i0:i1], self.k[b0:b1].transpose(1, 2)  # (g, c, Dh), (g, Dh, S)
+        if self.bias is None:
+            torch.bmm(qc, kT, out=P)
+        else:
+            torch.baddbmm(self.bias[b0:b1], qc, kT, out=P)
         torch.softmax(P, -1, out=P)
         n = P.numel()
         keep = self.ws.get("keep", n, P.dtype).view(P.shape)  # 1.0 = kept, 0.0 = dropped
@@ -106,9 +113,14 @@ class _Chunks:
         torch.ge(words.view(P.shape), self.threshold, out=keep)
         torch.mul(P, keep, out=D)
 
-
-def _views(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return buf[:math.prod(shape)].view(shape)
+    def views(self, chunk: tuple[int, int, int, int], P_all: torch.Tensor, D_all: torch.Tensor,
+              stored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """P and D of a chunk: its place in the stored (BH, L, S) arrays, or the start of the scratch."""
+        b0, b1, i0, i1 = chunk
+        at = (b0 * self.L + i0) * self.S if stored else 0
+        shape = (b1 - b0, i1 - i0, self.S)
+        n = math.prod(shape)
+        return P_all[at:at + n].view(shape), D_all[at:at + n].view(shape)
 
 
 class _DropoutAttention(torch.autograd.Function):
@@ -123,18 +135,14 @@ class _DropoutAttention(torch.autograd.Function):
             ws = Workspace()
         st = _Chunks(q, k, v, attn_mask, p, ws, CHUNK_ELEMENTS if store else RECOMPUTE_CHUNK_ELEMENTS)
         rng = torch.get_rng_state()  # backward can replay the chunks' draws from here
-        n = st.BH * st.c * st.S
-        P_all = ws.get("P", st.BH * L * st.S, q.dtype) if store else ws.get("Pc", n, q.dtype)
-        D_all = ws.get("D", st.BH * L * st.S, q.dtype) if store else ws.get("Dc", n, q.dtype)
-        outs = []
-        for i in st.starts():
-            c = min(st.c, L - i)
-            at = st.BH * i * st.S if store else 0  # stored: chunk after chunk, each contiguous
-            P = _views(P_all[at:], (st.BH, c, st.S))
-            D = _views(D_all[at:], (st.BH, c, st.S))
-            st.probs(i, P, D)
-            outs.append(torch.bmm(D, st.vs))  # (BH, c, Dh)
-        out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (BH, L, Dh)
+        n = st.BH * L * st.S if store else st.chunk_elements
+        P_all, D_all = ws.get("P" if store else "Pc", n, q.dtype), ws.get("D" if store else "Dc", n, q.dtype)
+        out = torch.empty(st.BH, L, Dh, dtype=q.dtype)
+        for chunk in st.chunks:
+            b0, b1, i0, i1 = chunk
+            P, D = st.views(chunk, P_all, D_all, store)
+            st.probs(chunk, P, D)
+            torch.bmm(D, st.vs[b0:b1], out=out[b0:b1, i0:i1])  # (g, c, Dh), contiguous
         if needs_grad:
             if not store:
                 st.ws = Workspace()  # nothing held from forward to backward
@@ -153,9 +161,8 @@ class _DropoutAttention(torch.autograd.Function):
         store = ctx.store and st.ws.generation == ctx.generation
         dO = grad.to(out.dtype).reshape(st.BH, st.L, -1)  # (BH, L, Dh)
         delta = (dO * out).sum(-1, keepdim=True)  # (BH, L, 1) = rowsum(dD * D) per query
-        dqs = []
-        dk = dv = None
-        n = st.BH * st.c * st.S
+        dq, dk, dv = torch.empty_like(st.qs), torch.empty_like(st.k), torch.empty_like(st.vs)
+        n = st.chunk_elements
         dS_buf = st.ws.get("dS", n, dO.dtype)
         if store:
             P_all, D_all = ctx.stored
@@ -164,27 +171,28 @@ class _DropoutAttention(torch.autograd.Function):
             now = torch.get_rng_state()
             torch.set_rng_state(ctx.rng)
         try:
-            for i in st.starts():
-                c = min(st.c, st.L - i)
-                at = st.BH * i * st.S if store else 0
-                P = _views(P_all[at:], (st.BH, c, st.S))
-                D = _views(D_all[at:], (st.BH, c, st.S))
+            for chunk in st.chunks:
+                b0, b1, i0, i1 = chunk
+                P, D = st.views(chunk, P_all, D_all, store)
                 if not store:
-                    st.probs(i, P, D)
-                dOc = dO[:, i:i + c]  # (BH, c, Dh)
-                dS = _views(dS_buf, (st.BH, c, st.S))
-                torch.bmm(dOc, st.vs.transpose(1, 2), out=dS)  # dD
-                dv = torch.bmm(D.transpose(1, 2), dOc) if dv is None else dv.baddbmm_(D.transpose(1, 2), dOc)
-                dS.mul_(D).addcmul_(P, delta[:, i:i + c], value=-1.0)  # dS = D*dD - P*delta
-                dqs.append(torch.bmm(dS, st.k))  # (BH, c, Dh)
-                qc = st.qs[:, i:i + c]  # (BH, c, Dh)
-                dk = torch.bmm(dS.transpose(1, 2), qc) if dk is None else dk.baddbmm_(dS.transpose(1, 2), qc)
+                    st.probs(chunk, P, D)
+                dOc, qc = dO[b0:b1, i0:i1], st.qs[b0:b1, i0:i1]  # (g, c, Dh)
+                dS = dS_buf[:P.numel()].view(P.shape)
+                torch.bmm(dOc, st.vs[b0:b1].transpose(1, 2), out=dS)  # dD
+                dS.mul_(D).addcmul_(P, delta[b0:b1, i0:i1], value=-1.0)  # dS = D*dD - P*delta
+                torch.bmm(dS, st.k[b0:b1], out=dq[b0:b1, i0:i1])
+                if i0 == 0:  # the first (or only) block of queries of these rows
+                    torch.bmm(D.transpose(1, 2), dOc, out=dv[b0:b1])
+                    torch.bmm(dS.transpose(1, 2), qc, out=dk[b0:b1])
+                else:
+                    dv[b0:b1].baddbmm_(D.transpose(1, 2), dOc)
+                    dk[b0:b1].baddbmm_(dS.transpose(1, 2), qc)
         finally:
             if not store:
                 torch.set_rng_state(now)
             st.ws.release(ctx)
         B, H, L, Dh = grad.shape
-        dq = (torch.cat(dqs, 1) if len(dqs) > 1 else dqs[0]).mul_(1.0 / math.sqrt(Dh)).view(B, H, L, Dh)
+        dq = dq.mul_(1.0 / math.sqrt(Dh)).view(B, H, L, Dh)
         dk = dk.view(B, H, st.S, Dh)
         dv = dv.mul_(st.keep_scale).view(B, H, st.S, Dh)
         return dq, dk, dv, None, None, None, None
