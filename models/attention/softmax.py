@@ -4,14 +4,19 @@ Without attention dropout: PyTorch's fused `scaled_dot_product_attention` (no L 
 memory-efficient and flash paths). With attention dropout in training, SDPA on a CPU falls back to
 its math path, which stores the whole (B, H, L, L) probability matrix and draws one Bernoulli sample
 per entry (measured 3-7x slower than without dropout at L = 512). Here instead a hand-written autograd
-function takes the queries in chunks of at most `CHUNK_ELEMENTS` scores and drops each chunk's
-probabilities with the word-based sampler of `models.dropout` (drop probability `quantized_p(p)`, one
-16-bit word per probability, the chunks' words drawn in order from the global generator). Every
-elementwise step writes into buffers reused from chunk to chunk, the dropout's 1 / (1 - p) is folded
-into V, and backward uses dS = D * dD - P * rowsum(dO * O) (D the dropped probabilities, dD = dO Vᵀ),
-so it needs no softmax-backward pass. Up to `STORE_ELEMENTS` scores in all, P and D are kept for
-backward; above, backward recomputes them chunk by chunk, replaying the same random words, so memory
-stays O(chunk x L).
+function (`_DropoutAttention`) works in chunks of at most `CHUNK_ELEMENTS` scores: whole (L, S) score
+matrices of a few (batch, head) rows, or blocks of queries of one row when a matrix is larger. Each
+chunk's probabilities P are dropped with the word-based sampler of `models.dropout`: one 16-bit word
+per probability, drawn from the global generator (reproducible under the run's seed, new words in every
+layer and step), landing on the probabilities in (B, H, L, S) order whatever the chunks (exactly so
+when S is a multiple of 4; otherwise each chunk starts on a fresh 64-bit draw); an element is
+dropped with probability `quantized_p(p)` (p rounded to a multiple of 1/65536: 0.1 -> 0.1000061), kept
+ones scaled by 1 / (1 - that). Every step writes into buffers reused from chunk to chunk (and, through a
+`Workspace`, from call to call), the 1 / (1 - p) is folded into V, and backward uses
+dS = D * dD - P * rowsum(dO * O) (D = P times the keep mask, dD = dO Vᵀ), so no softmax-backward pass.
+Up to `STORE_ELEMENTS` scores in all, P and D are kept for backward; above, backward recomputes them
+chunk by chunk, replaying the same words, so memory stays O(chunk). Eval, and devices other than a
+CPU, use SDPA.
 """
 from __future__ import annotations
 
