@@ -278,3 +278,23 @@ def test_dropout_attention_under_cpu_autocast(dtype):
         assert torch.equal(x, y.float())
     torch.manual_seed(0)
     torch.testing.assert_close(out.float(), att(q, k, v, mask), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_dropout_attention_odd_length_chunks_draw_their_own_words(monkeypatch, recompute):
+    """S = 21 (not a multiple of 4), one (L, S) matrix a chunk: each chunk starts on a fresh 64-bit draw,
+    and the result is the formula with that mask, stored or recomputed."""
+    B, H, L, D, p = 1, 3, 21, 4, 0.25
+    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", L * L)
+    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", L * L)
+    monkeypatch.setattr(softmax_mod, "STORE_ELEMENTS", 0 if recompute else 10**9)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch.manual_seed(9)
+    keep = torch.stack([random_words(L * L).view(L, L) >= keep_threshold(p) for _ in range(H)])[None].double()
+    ref = _reference_with_mask(q, k, v, None, keep, p)
+    torch.manual_seed(9)
+    out = softmax_mod.dropout_attention(q, k, v, None, p)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
