@@ -136,6 +136,22 @@ def test_nystrom_conv_skip_is_per_head_depthwise_conv(length, kernel):
     torch.testing.assert_close(depthwise_seq_conv(v, attn.conv_weight), ref)
 
 
+@pytest.mark.parametrize("length,kernel,block", [(22, 5, 16), (64, 35, 16), (70, 3, 8), (5, 9, 4), (40, 21, 4)])
+def test_nystrom_conv_skip_gradients_and_padding_match_conv2d(length, kernel, block):
+    """The banded conv's own backward (filters reversed for V, diagonal sums for the filter) against
+    conv2d's autograd, with padded rows zeroed first; blocks shorter than the filter included."""
+    v = torch.randn(B, H, length, DH, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(H, kernel, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(B, length, generator=torch.Generator().manual_seed(length)) > 0.3
+    grad = torch.randn(B, H, length, DH, dtype=torch.float64)
+    for m in (None, mask):
+        ours = depthwise_seq_conv(v, w, m, block=block)
+        v_in = v if m is None else v.masked_fill(~m[:, None, :, None], 0.0)
+        ref = torch.nn.functional.conv2d(v_in, w[:, None, :, None], padding=(kernel // 2, 0), groups=H)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(torch.autograd.grad(ours, (v, w), grad), torch.autograd.grad(ref, (v, w), grad))
+
+
 def favor_reference(q, k, v, w, kernel, mask):
     """FAVOR+ written out plainly: φ(x) = exp(ω·x − |x|²/2)/√m with x = q/Dh^¼ (softmax kernel)."""
     x_q, x_k = q / q.shape[-1] ** 0.25, k / k.shape[-1] ** 0.25
