@@ -81,6 +81,9 @@ class Encoder(nn.Module):
             x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)  # (B, L+1, dim)
             mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
         x = self.drop(x + self.pos[:, : x.shape[1]])
+        # a batch without padding runs the layers unmasked: the same function (padding never changes real
+        # positions), and backends skip their masking work; on a CPU the check costs no device sync
+        layer_mask = None if mask.device.type == "cpu" and bool(mask.all()) else mask
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, layer_mask)
         return self.norm(x), mask

@@ -21,15 +21,19 @@ def pool(states: torch.Tensor, mask: torch.Tensor, mode: str, pos_weight: torch.
     through a softmax over all positions."""
     if mode == "cls":
         return states[:, 0]
-    m = mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
+    m = mask.to(states.dtype)  # (B, L)
     if mode in ("mean", "mean_pos"):
-        pooled = (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+        weights = m / m.sum(1, keepdim=True).clamp_min(1.0)
         if mode == "mean_pos":
-            pooled = pooled + (states * m * pos_weight[: states.shape[1], None]).sum(1)  # weights (L, 1)
-        return pooled
-    if mode == "mean_padded":
-        return (states * m).sum(1) / states.shape[1]
-    raise ValueError(f"unknown pooling '{mode}'; valid: {', '.join(POOLINGS)}")
+            weights = weights + m * pos_weight[: states.shape[1]]  # weights (L,)
+    elif mode == "mean_padded":
+        weights = m / states.shape[1]
+    else:
+        raise ValueError(f"unknown pooling '{mode}'; valid: {', '.join(POOLINGS)}")
+    # one weighted sum per example as a (1, L) x (L, dim) product: no (B, L, dim) temporary either way;
+    # in the states' dtype, as a sum would be (autocast would lower a bmm)
+    with torch.autocast(device_type=states.device.type, enabled=False):
+        return torch.bmm(weights.unsqueeze(1), states).squeeze(1)  # (B, dim)
 
 
 def classifier_mlp(in_dim: int, hidden: int, num_classes: int, activation: str) -> nn.Sequential:

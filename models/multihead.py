@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionConfigError, build_attention, capability
@@ -54,8 +55,11 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, L, dim); key_padding_mask: (B, L) bool, True = real token. Returns (B, L, dim)."""
         B, L, _ = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        H, Dh = self.num_heads, self.head_dim
+        # q, k, v by one GEMM each with the rows of the fused weight (views): each comes out (B, L, H, Dh)
+        # contiguous, and so does its gradient from the fused kernels, which then needs no copy
+        w, b = self.qkv.weight.view(3, H * Dh, -1), self.qkv.bias.view(3, H * Dh)
+        q, k, v = (F.linear(x, w[i], b[i]).view(B, L, H, Dh).transpose(1, 2) for i in range(3))  # (B, H, L, Dh)
         out = self.attn(q, k, v, key_padding_mask)  # (B, H, L, Dh)
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
         return self.drop(self.out(out))

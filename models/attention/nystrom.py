@@ -79,12 +79,13 @@ def segment_means(
     m = num_segments
     seg = -(-L // m)  # tokens per segment after padding
     pad = m * seg - L
-    if key_padding_mask is None and pad == 0:
-        return x.reshape(B, H, m, seg, D).mean(-2), None  # (B, H, m, Dh)
+    if key_padding_mask is None and pad == 0:  # a sum and a divide: backward expands the gradient once
+        return x.reshape(B, H, m, seg, D).sum(-2) / seg, None  # (B, H, m, Dh)
     real = torch.ones(B, L, dtype=torch.bool, device=x.device) if key_padding_mask is None else key_padding_mask
     if key_padding_mask is not None:
         x = x.masked_fill(~real[:, None, :, None], 0.0)  # padded tokens carry nothing, whatever their value
-    x = F.pad(x, (0, 0, 0, pad))  # (B, H, m*seg, Dh)
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))  # (B, H, m*seg, Dh)
     sums = x.reshape(B, H, m, seg, D).sum(-2)  # (B, H, m, Dh)
     if pad_in_means:
         return sums / seg, None
@@ -133,8 +134,8 @@ def nonempty_landmarks(key_padding_mask: torch.Tensor | None, B: int, L: int, nu
                        segments: str = "padded") -> torch.Tensor:
     """(B,) number of landmarks holding at least one real token, as `nystrom_attention` cuts them."""
     m = min(num_landmarks, L)
-    if key_padding_mask is None:
-        return torch.full((B,), m)
+    if key_padding_mask is None:  # no padding; segments of the padded length may still be empty
+        key_padding_mask = torch.ones(B, L, dtype=torch.bool)
     n = key_padding_mask.sum(-1)  # (B,)
     if segments == "real":
         return n.clamp_max(m)
