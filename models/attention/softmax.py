@@ -31,7 +31,7 @@ from models.attention.base import AttentionBackend
 from models.dropout import keep_threshold, quantized_p, random_words
 
 CHUNK_ELEMENTS = 2**20  # scores per chunk when P and D are stored (4 MB fp32; 2**18..2**20 measured best at L = 512)
-RECOMPUTE_CHUNK_ELEMENTS = 2**20  # per chunk when they are recomputed (long inputs)
+RECOMPUTE_CHUNK_ELEMENTS = 2**18  # per chunk when they are recomputed (long inputs; 2**17..2**18 best at L = 2,048)
 STORE_ELEMENTS = 2**26  # above this many scores in all, P and D are recomputed in backward
 
 
