@@ -61,12 +61,12 @@ def _plain(q, k, v, mask, p, seed):
 @pytest.mark.parametrize("chunk", ["all", "rows", "queries"])
 def test_chunked_dropout_attention_equals_plain(monkeypatch, recompute, chunk):
     """Chunks of whole (L, L) matrices or of query blocks, P and D stored or recomputed: the words land on
-    the probabilities in (B, H, L, L) order, so every layout gives the one-draw plain result."""
+    the probabilities in (B, H, L, L) order, so every layout gives the one-draw plain result (no padding;
+    padded batches: the formula test below)."""
     B, H, L, D = 2, 2, 24, 8
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = torch.ones(B, L, dtype=torch.bool)
-    mask[1, 17:] = False
     ref = _plain(q, k, v, mask, 0.2, seed=5)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     budget = {"all": B * H * L * L, "rows": 3 * L * L, "queries": 7 * L}[chunk]  # 7 queries: 4 blocks, last of 3
@@ -142,29 +142,38 @@ def _reference_with_mask(q, k, v, pad, keep, p):
     return (s.softmax(-1) * keep / (1 - quantized_p(p))) @ v
 
 
-def _keep_mask(shape, p, seed):
-    """The keep mask the dropout path draws under `seed`: one int16 word per probability in (B, H, L, S)
-    order, kept when the word is >= keep_threshold(p)."""
+def _keep_mask(shape, p, seed, keys=None):
+    """The keep mask the dropout path draws under `seed` with one (L, S) matrix a chunk: one int16 word
+    per probability in (B, H, L, S) order, kept when the word is >= keep_threshold(p); `keys[b]`: batch
+    element b's matrices stop at its last real key (the rest get probability 0 and no word)."""
+    B, H, L, S = shape
     torch.manual_seed(seed)
-    return (random_words(math.prod(shape)).view(shape) >= keep_threshold(p)).double()  # (B, H, L, S)
+    keep = torch.zeros(shape, dtype=torch.float64)
+    for b in range(B):
+        s = S if keys is None else keys[b]
+        for h in range(H):
+            keep[b, h, :, :s] = (random_words(L * s).view(L, s) >= keep_threshold(p)).double()
+    return keep
 
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_dropout_attention_equals_formula_given_the_mask(monkeypatch, padded, recompute):
     """float64: outputs and q, k, v gradients of the chunked path equal softmax * keep / (1 - p) @ V with the
-    same keep mask, whether P and D are stored or recomputed (replayed draws) in backward."""
+    same keep mask, whether P and D are stored or recomputed (replayed draws) in backward; with padding,
+    the keys after a batch element's last real key are left out (exact: their probability is 0)."""
     B, H, L, D, p = 2, 3, 20, 8, 0.3
-    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", 2 * L * L)  # 2 rows of the batch a chunk
-    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", 6 * L)  # 6 queries of one row a chunk
+    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", L * L)  # one (L, L) matrix a chunk
+    monkeypatch.setattr(softmax_mod, "RECOMPUTE_CHUNK_ELEMENTS", 4 * L)  # 4 queries of one matrix a chunk
     monkeypatch.setattr(softmax_mod, "STORE_ELEMENTS", 0 if recompute else 10**9)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     pad = None
     if padded:
         pad = torch.ones(B, L, dtype=torch.bool)
-        pad[0, 13:] = False
-    keep = _keep_mask((B, H, L, L), p, seed=7)
+        pad[0, 13:] = False  # its matrices stop at key 13
+        pad[1, 5:8] = False  # a gap before real keys: masked by the bias, nothing cut
+    keep = _keep_mask((B, H, L, L), p, seed=7, keys=[13, L] if padded else None)
     assert 0 < keep.mean() < 1
     ref = _reference_with_mask(q, k, v, pad, keep, p)
     weight = torch.randn(ref.shape, generator=g, dtype=torch.float64)
@@ -295,6 +304,24 @@ def test_dropout_attention_odd_length_chunks_draw_their_own_words(monkeypatch, r
     ref = _reference_with_mask(q, k, v, None, keep, p)
     torch.manual_seed(9)
     out = softmax_mod.dropout_attention(q, k, v, None, p)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_attention_fully_padded_element_keeps_every_key(monkeypatch):
+    """A batch element with no real key: nothing is cut (its rows stay uniform over all keys, as the
+    masked scores are all equal); the other element's matrices stop at its last real key."""
+    B, H, L, D, p = 2, 1, 8, 4, 0.5
+    monkeypatch.setattr(softmax_mod, "CHUNK_ELEMENTS", L * L)  # one (L, L) matrix a chunk
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, :3] = True
+    keep = _keep_mask((B, H, L, L), p, seed=2, keys=[L, 3])
+    ref = _reference_with_mask(q, k, v, pad, keep, p)
+    torch.manual_seed(2)
+    out = softmax_mod.dropout_attention(q, k, v, pad[:, None, None, :], p)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -96,21 +96,36 @@ class _Chunks:
             self.bias = bias.expand(B, H, 1, S).reshape(self.BH, 1, S)
         if L * S <= chunk_elements:
             g = chunk_elements // (L * S)  # whole rows per chunk
-            self.chunks = [(b, min(b + g, self.BH), 0, L) for b in range(0, self.BH, g)]
+            blocks = [(b, min(b + g, self.BH), 0, L) for b in range(0, self.BH, g)]
         else:
             c = max(1, chunk_elements // S)  # queries per chunk of one row
-            self.chunks = [(b, b + 1, i, min(i + c, L)) for b in range(self.BH) for i in range(0, L, c)]
-        self.chunk_elements = max((b1 - b0) * (i1 - i0) * S for b0, b1, i0, i1 in self.chunks)
+            blocks = [(b, b + 1, i, min(i + c, L)) for b in range(self.BH) for i in range(0, L, c)]
+        # keys after a row's last real key get probability 0 exactly: a chunk stops at its rows' last one
+        last = [S] * self.BH
+        self.empty: set[int] = set()  # rows with no real key: uniform over all keys, no gradient to q, k
+        if self.bias is not None:
+            pos = torch.arange(1, S + 1)
+            ends = (attn_mask.reshape(B, S) * pos).amax(1).repeat_interleave(H)  # (BH,) 0 = no real key
+            self.empty = set((ends == 0).nonzero().flatten().tolist())
+            last = torch.where(ends > 0, ends, S).tolist()
+        self.chunks: list[tuple[int, int, int, int, int, int]] = []  # (b0, b1, i0, i1, keys, offset)
+        at = 0
+        for b0, b1, i0, i1 in blocks:
+            s = max(last[b0:b1])
+            self.chunks.append((b0, b1, i0, i1, s, at))
+            at += (b1 - b0) * (i1 - i0) * s
+        self.total = at  # scores stored when P and D are kept
+        self.chunk_elements = max((b1 - b0) * (i1 - i0) * s for b0, b1, i0, i1, s, _ in self.chunks)
 
-    def probs(self, chunk: tuple[int, int, int, int], P: torch.Tensor, D: torch.Tensor) -> None:
-        """Fill P (b1 - b0, i1 - i0, S) with softmax(q kᵀ/√Dh + bias) of the chunk and D with P times the
-        keep mask drawn now from the global generator (one 16-bit word per probability)."""
-        b0, b1, i0, i1 = chunk
-        qc, kT = self.qs[b0:b1, i0:i1], self.k[b0:b1].transpose(1, 2)  # (g, c, Dh), (g, Dh, S)
+    def probs(self, chunk: tuple[int, ...], P: torch.Tensor, D: torch.Tensor) -> None:
+        """Fill P (b1 - b0, i1 - i0, keys) with softmax(q kᵀ/√Dh + bias) of the chunk and D with P times
+        the keep mask drawn now from the global generator (one 16-bit word per probability)."""
+        b0, b1, i0, i1, s, _ = chunk
+        qc, kT = self.qs[b0:b1, i0:i1], self.k[b0:b1, :s].transpose(1, 2)  # (g, c, Dh), (g, Dh, s)
         if self.bias is None:
             torch.bmm(qc, kT, out=P)
         else:
-            torch.baddbmm(self.bias[b0:b1], qc, kT, out=P)
+            torch.baddbmm(self.bias[b0:b1, :, :s], qc, kT, out=P)
         torch.softmax(P, -1, out=P)
         n = P.numel()
         keep = self.ws.get("keep", n, P.dtype).view(P.shape)  # 1.0 = kept, 0.0 = dropped
@@ -118,12 +133,12 @@ class _Chunks:
         torch.ge(words.view(P.shape), self.threshold, out=keep)
         torch.mul(P, keep, out=D)
 
-    def views(self, chunk: tuple[int, int, int, int], P_all: torch.Tensor, D_all: torch.Tensor,
+    def views(self, chunk: tuple[int, ...], P_all: torch.Tensor, D_all: torch.Tensor,
               stored: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """P and D of a chunk: its place in the stored (BH, L, S) arrays, or the start of the scratch."""
-        b0, b1, i0, i1 = chunk
-        at = (b0 * self.L + i0) * self.S if stored else 0
-        shape = (b1 - b0, i1 - i0, self.S)
+        """P and D of a chunk: its place in the stored arrays, or the start of the scratch."""
+        b0, b1, i0, i1, s, at = chunk
+        at = at if stored else 0
+        shape = (b1 - b0, i1 - i0, s)
         n = math.prod(shape)
         return P_all[at:at + n].view(shape), D_all[at:at + n].view(shape)
 
@@ -140,14 +155,14 @@ class _DropoutAttention(torch.autograd.Function):
             ws = Workspace()
         st = _Chunks(q, k, v, attn_mask, p, ws, CHUNK_ELEMENTS if store else RECOMPUTE_CHUNK_ELEMENTS)
         rng = torch.get_rng_state()  # backward can replay the chunks' draws from here
-        n = st.BH * L * st.S if store else st.chunk_elements
+        n = st.total if store else st.chunk_elements
         P_all, D_all = ws.get("P" if store else "Pc", n, q.dtype), ws.get("D" if store else "Dc", n, q.dtype)
         out = torch.empty(st.BH, L, Dh, dtype=q.dtype)
         for chunk in st.chunks:
-            b0, b1, i0, i1 = chunk
+            b0, b1, i0, i1, s, _ = chunk
             P, D = st.views(chunk, P_all, D_all, store)
             st.probs(chunk, P, D)
-            torch.bmm(D, st.vs[b0:b1], out=out[b0:b1, i0:i1])  # (g, c, Dh), contiguous
+            torch.bmm(D, st.vs[b0:b1, :s], out=out[b0:b1, i0:i1])  # (g, c, Dh), contiguous
         if needs_grad:
             if not store:
                 st.ws = Workspace()  # nothing held from forward to backward
@@ -166,7 +181,7 @@ class _DropoutAttention(torch.autograd.Function):
         store = ctx.store and st.ws.generation == ctx.generation
         dO = grad.to(out.dtype).reshape(st.BH, st.L, -1)  # (BH, L, Dh)
         delta = (dO * out).sum(-1, keepdim=True)  # (BH, L, 1) = rowsum(dD * D) per query
-        dq, dk, dv = torch.empty_like(st.qs), torch.empty_like(st.k), torch.empty_like(st.vs)
+        dq, dk, dv = torch.empty_like(st.qs), torch.zeros_like(st.k), torch.zeros_like(st.vs)  # 0: unused keys
         n = st.chunk_elements
         dS_buf = st.ws.get("dS", n, dO.dtype)
         if store:
@@ -177,21 +192,23 @@ class _DropoutAttention(torch.autograd.Function):
             torch.set_rng_state(ctx.rng)
         try:
             for chunk in st.chunks:
-                b0, b1, i0, i1 = chunk
+                b0, b1, i0, i1, s, _ = chunk
                 P, D = st.views(chunk, P_all, D_all, store)
                 if not store:
                     st.probs(chunk, P, D)
                 dOc, qc = dO[b0:b1, i0:i1], st.qs[b0:b1, i0:i1]  # (g, c, Dh)
                 dS = dS_buf[:P.numel()].view(P.shape)
-                torch.bmm(dOc, st.vs[b0:b1].transpose(1, 2), out=dS)  # dD
+                torch.bmm(dOc, st.vs[b0:b1, :s].transpose(1, 2), out=dS)  # dD
                 dS.mul_(D).addcmul_(P, delta[b0:b1, i0:i1], value=-1.0)  # dS = D*dD - P*delta
-                torch.bmm(dS, st.k[b0:b1], out=dq[b0:b1, i0:i1])
-                if i0 == 0:  # the first (or only) block of queries of these rows
+                for b in st.empty.intersection(range(b0, b1)):  # every score masked: constant in q, k
+                    dS[b - b0].zero_()
+                torch.bmm(dS, st.k[b0:b1, :s], out=dq[b0:b1, i0:i1])
+                if i0 == 0 and s == st.S:  # the first (or only) block of queries of these rows
                     torch.bmm(D.transpose(1, 2), dOc, out=dv[b0:b1])
                     torch.bmm(dS.transpose(1, 2), qc, out=dk[b0:b1])
                 else:
-                    dv[b0:b1].baddbmm_(D.transpose(1, 2), dOc)
-                    dk[b0:b1].baddbmm_(dS.transpose(1, 2), qc)
+                    dv[b0:b1, :s].baddbmm_(D.transpose(1, 2), dOc)
+                    dk[b0:b1, :s].baddbmm_(dS.transpose(1, 2), qc)
         finally:
             if not store:
                 torch.set_rng_state(now)
