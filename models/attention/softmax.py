@@ -14,6 +14,8 @@ dropped with probability `quantized_p(p)` (p rounded to a multiple of 1/65536: 0
 ones scaled by 1 / (1 - that). Every step writes into buffers reused from chunk to chunk (and, through a
 `Workspace`, from call to call), the 1 / (1 - p) is folded into V, and backward uses
 dS = D * dD - P * rowsum(dO * O) (D = P times the keep mask, dD = dO Vᵀ), so no softmax-backward pass.
+With key padding, a chunk's matrices stop at its rows' last real key: later keys have probability 0
+exactly (so the same function), and get no words.
 Up to `STORE_ELEMENTS` scores in all, P and D are kept for backward; above, backward recomputes them
 chunk by chunk, replaying the same words, so memory stays O(chunk). Eval, and devices other than a
 CPU, use SDPA.
