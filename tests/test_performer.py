@@ -89,12 +89,13 @@ def test_several_threads_run_one_block_and_equal_plain_formula():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert performer_module._rows_per_block(B * H, L) == B * H * L
+        assert performer_module._rows_per_block(B * H, L, torch.device("cpu")) == B * H * L
         compare("padded", False, 1e-4, "1/Dh")
     finally:
         torch.set_num_threads(threads)
     if threads == 1:
-        assert performer_module._rows_per_block(B * H, L) == performer_module.BLOCK_ROWS
+        assert performer_module._rows_per_block(B * H, L, torch.device("cpu")) == performer_module.BLOCK_ROWS
+        assert performer_module._rows_per_block(B * H, L, torch.device("meta")) == B * H * L
 
 
 def test_reference_discriminates_the_stabilisers_when_eps_is_set():

@@ -16,6 +16,7 @@ and head; the ε makes those choices matter, so they are reproduced).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -64,7 +65,7 @@ def softmax_features(x2: torch.Tensor, w: torch.Tensor, groups: int, is_query: b
     e = x2.new_empty(NL, m) if out is None else out  # (N*L, m)
     half = None if is_query and not eps else x2.square().sum(-1, keepdim=True).mul_(half_scale)  # (N*L, 1)
     # block by block, so that the max and the exp passes run in cache; keys by whole examples (one max each)
-    rows = _rows_per_block(groups, L)
+    rows = _rows_per_block(groups, L, x2.device)
     for n0, n1, l0, l1 in _blocks(groups, L, rows if is_query else max(rows, L)):
         r0, r1 = n0 * L + l0, (n1 - 1) * L + l1  # the block's rows of (N*L, ·)
         z = torch.mm(x2[r0:r1], w.T, out=e[r0:r1])  # (rows, m): ω·x
@@ -87,8 +88,9 @@ class FeatureMaps:
     """Free (N*L, m) feature maps of one module, reused from one training step to the next: the allocator
     hands a fresh map of this size back to the OS when freed and the next one pays a page fault per 4 KiB
     page on first touch (about a sixth of the preset's layer time). A forward takes maps (or allocates),
-    its backward gives them back when done, with its own d/dz buffer. Should a kept graph (retain_graph) have its maps reused by a
-    later forward, autograd's in-place check fails that graph's next backward instead of going wrong."""
+    its backward gives them back when done, with its own d/dz buffer. Should a kept graph (retain_graph)
+    have its maps reused by a later forward, autograd's in-place check fails that graph's next backward
+    instead of going wrong."""
 
     def __init__(self, keep: int = 3) -> None:
         self.keep, self.free = keep, []  # free: at most `keep` maps, the latest given back
@@ -112,10 +114,11 @@ class FeatureMaps:
         return {"keep": self.keep, "free": []}
 
 
-def _rows_per_block(N: int, L: int) -> int:
-    """BLOCK_ROWS on one thread; one block of all N*L rows with more: many small parallel regions make the
-    threads wait on each other (measured: several times slower on a shared 2-core machine)."""
-    return BLOCK_ROWS if torch.get_num_threads() == 1 else N * L
+def _rows_per_block(N: int, L: int, device: torch.device) -> int:
+    """BLOCK_ROWS on a CPU with one thread; else one block of all N*L rows: with more threads, many small
+    parallel regions make them wait on each other (several times slower on a shared 2-core machine), and
+    an accelerator wants few large kernels."""
+    return BLOCK_ROWS if device.type == "cpu" and torch.get_num_threads() == 1 else N * L
 
 
 def _blocks(N: int, L: int, rows: int) -> Iterator[tuple[int, int, int, int]]:
@@ -133,7 +136,7 @@ def _blocks(N: int, L: int, rows: int) -> Iterator[tuple[int, int, int, int]]:
 class _FavorSoftmax(torch.autograd.Function):
     """out = φ(q)ᵀ S / φ(q)ᵀ z, S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j) (j over real keys), φ = e + ε with e
     from softmax_features. The ε is carried by small (N, Dh+1)-sized sums, so the only (N*L, m) tensors
-    are the two e maps (saved for the backward) and one gradient buffer per side, updated in place."""
+    are the two e maps (saved for the backward); d/dz is formed one block of rows at a time in one buffer."""
 
     @staticmethod
     def forward(ctx, q2, k2, v, w, pad_rows, eps, half_scale, maps):  # q2, k2: (N*L, Dh); v: (N, L, Dh); w: (m, Dh)
@@ -168,7 +171,7 @@ class _FavorSoftmax(torch.autograd.Function):
         g_aq = torch.empty_like(out)  # (N, L, Dh): g_z @ w for the queries
         g_ak = out.new_empty(N, L, D + 1)  # (N, L, Dh+1)
         g_v = torch.empty_like(out)  # (N, L, Dh)
-        rows = _rows_per_block(N, L)
+        rows = _rows_per_block(N, L, out.device)
         size = (min(N * L, rows) * m,)
         buf = out.new_empty(size) if ctx.maps is None else ctx.maps.take(size, out)  # d/dz of one block
         # d/dz of the features, e ⊙ (g_φ), block by block so that it stays in cache (one thread)
