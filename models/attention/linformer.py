@@ -12,7 +12,8 @@ Sharing modes (the Linformer paper's §4), option `sharing`:
 Layerwise sharing goes through the encoder's `tie_to` hook: later layers take layer 0's parameter, so it
 belongs to one model instance (the authors' class attribute was shared by every model in the process).
 A sequence of L <= max_len tokens uses the first L columns; padded keys and values are zeroed before
-projection. The k projected keys are attended with the fused `scaled_dot_product_attention`.
+projection (in the copy that lays them out for the GEMM; with E = F keys and values share one GEMM).
+The k projected keys are attended with the fused `scaled_dot_product_attention`.
 """
 from __future__ import annotations
 
@@ -31,14 +32,81 @@ SHARING = ("none", "headwise", "kv", "layerwise")
 
 def project_length(proj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """proj (k, L) or per head (H, k, L) applied along the length of x (B, H, L, Dh) -> (B, H, k, Dh)."""
-    B, H, L, D = x.shape
-    if proj.dim() == 2:  # one GEMM for every head
-        flat = x.permute(2, 0, 1, 3).reshape(L, B * H * D)  # (L, B*H*Dh)
-        out = torch.matmul(proj, flat)  # (k, B*H*Dh)
-        return out.view(-1, B, H, D).permute(1, 2, 0, 3)  # (B, H, k, Dh)
-    flat = x.permute(1, 2, 0, 3).reshape(H, L, B * D)  # (H, L, B*Dh)
-    out = torch.bmm(proj, flat)  # (H, k, B*Dh)
-    return out.view(H, -1, B, D).permute(2, 0, 1, 3)  # (B, H, k, Dh)
+    return _ProjectLength.apply(proj, None, x)[0]
+
+
+def _flat(xs: tuple[torch.Tensor, ...], per_head: bool, mask: torch.Tensor | None) -> torch.Tensor:
+    """Tensors (B, H, L, Dh) laid side by side for one GEMM, padded rows (mask (B, L) False) zeroed in
+    the same copy: (H, L, n*B*Dh) for a per-head projection, else (L, n*B*H*Dh)."""
+    B, H, L, D = xs[0].shape
+    if per_head:
+        flat = xs[0].new_empty(H, L, len(xs), B, D)
+        parts = [flat[:, :, i] for i in range(len(xs))]  # each (H, L, B, Dh)
+        src = [x.permute(1, 2, 0, 3) for x in xs]
+    else:
+        flat = xs[0].new_empty(L, len(xs), B, H, D)
+        parts = [flat[:, i] for i in range(len(xs))]  # each (L, B, H, Dh)
+        src = [x.permute(2, 0, 1, 3) for x in xs]
+    for part, x in zip(parts, src):
+        part.copy_(x)
+    if mask is not None:  # padded rows carry nothing, whatever their value
+        flat.masked_fill_(~(mask.t()[None, :, None, :, None] if per_head else mask.t()[:, None, :, None, None]), 0.0)
+    return flat.view(H, L, -1) if per_head else flat.view(L, -1)
+
+
+class _ProjectLength(torch.autograd.Function):
+    """proj applied along the length of each of xs (B, H, L, Dh), padded rows zeroed first, as one GEMM
+    (one per head); backward writes each input's gradient straight into (B, L, H, Dh) memory, the
+    layout of the q/k/v projections, so nothing downstream copies it again."""
+
+    @staticmethod
+    def forward(ctx, proj: torch.Tensor, mask: torch.Tensor | None,  # type: ignore[override]
+                *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, H, L, D = xs[0].shape
+        per_head = proj.dim() == 3
+        flat = _flat(xs, per_head, mask)  # (H, L, n*B*Dh) or (L, n*B*H*Dh)
+        out = torch.matmul(proj, flat)  # (H, k, n*B*Dh) or (k, n*B*H*Dh)
+        ctx.save_for_backward(proj, flat, mask)
+        ctx.per_head, ctx.shape = per_head, (B, H, L, D)
+        k = proj.shape[-2]
+        if per_head:
+            outs = out.view(H, k, len(xs), B, D).permute(2, 3, 0, 1, 4)  # (n, B, H, k, Dh)
+        else:
+            outs = out.view(k, len(xs), B, H, D).permute(1, 2, 3, 0, 4)  # (n, B, H, k, Dh)
+        return tuple(outs.unbind(0))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        proj, flat, mask = ctx.saved_tensors
+        B, H, L, D = ctx.shape
+        n, k = len(grads), proj.shape[-2]
+        if ctx.per_head:
+            g = proj.new_empty(H, k, n, B, D)
+            for i, gi in enumerate(grads):
+                g[:, :, i].copy_(gi.permute(1, 2, 0, 3))
+            g = g.view(H, k, -1)  # (H, k, n*B*Dh)
+        else:
+            g = proj.new_empty(k, n, B, H, D)
+            for i, gi in enumerate(grads):
+                g[:, i].copy_(gi.permute(2, 0, 1, 3))
+            g = g.view(k, -1)  # (k, n*B*H*Dh)
+        grad_proj = torch.matmul(g, flat.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        grad_xs = [None] * n
+        if any(ctx.needs_input_grad[2:]):
+            gflat = torch.matmul(proj.transpose(-1, -2), g)  # (H, L, n*B*Dh) or (L, n*B*H*Dh)
+            if ctx.per_head:
+                src = gflat.view(H, L, n, B, D).permute(2, 3, 1, 0, 4)  # (n, B, L, H, Dh)
+            else:
+                src = gflat.view(L, n, B, H, D).permute(1, 2, 0, 3, 4)  # (n, B, L, H, Dh)
+            keep = None if mask is None else mask[:, :, None, None]  # (B, L, 1, 1)
+            for i in range(n):
+                if not ctx.needs_input_grad[2 + i]:
+                    continue
+                gx = flat.new_empty(B, L, H, D).copy_(src[i])
+                if keep is not None:
+                    gx.masked_fill_(~keep, 0.0)
+                grad_xs[i] = gx.transpose(1, 2)  # (B, H, L, Dh)
+        return (grad_proj, None, *grad_xs)
 
 
 class LinformerAttention(AttentionBackend):
@@ -87,12 +155,13 @@ class LinformerAttention(AttentionBackend):
     ) -> torch.Tensor:
         L = k.shape[-2]
         self.check_length(L)
-        if key_padding_mask is not None:
-            pad = ~key_padding_mask[:, None, :, None]  # (B, 1, L, 1)
-            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
-        proj_v = self.proj_k if self.proj_v is None else self.proj_v
-        k_proj = project_length(self.proj_k[..., :L].to(k.dtype), k)  # (B, H, k, Dh)
-        v_proj = project_length(proj_v[..., :L].to(v.dtype), v)  # (B, H, k, Dh)
+        proj_k = self.proj_k if L == self.max_len else self.proj_k[..., :L]  # the first L columns
+        if self.proj_v is None:  # E = F: keys and values side by side in one GEMM
+            k_proj, v_proj = _ProjectLength.apply(proj_k.to(k.dtype), key_padding_mask, k, v)  # (B, H, k, Dh)
+        else:
+            proj_v = self.proj_v if L == self.max_len else self.proj_v[..., :L]
+            (k_proj,) = _ProjectLength.apply(proj_k.to(k.dtype), key_padding_mask, k)
+            (v_proj,) = _ProjectLength.apply(proj_v.to(v.dtype), key_padding_mask, v)
         return F.scaled_dot_product_attention(q, k_proj, v_proj)
 
     def extra_repr(self) -> str:
