@@ -35,78 +35,67 @@ def project_length(proj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _ProjectLength.apply(proj, None, x)[0]
 
 
-def _flat(xs: tuple[torch.Tensor, ...], per_head: bool, mask: torch.Tensor | None) -> torch.Tensor:
-    """Tensors (B, H, L, Dh) laid side by side for one GEMM, padded rows (mask (B, L) False) zeroed in
-    the same copy: (H, L, n*B*Dh) for a per-head projection, else (L, n*B*H*Dh)."""
+def _flat(xs: tuple[torch.Tensor, ...], h: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Head h of tensors (B, H, L, Dh) laid side by side for one GEMM, (L, n*B*Dh), with padded rows
+    (mask (B, L) False) zeroed. One buffer per head keeps each allocation small (large ones are fresh
+    pages from the OS every step)."""
     B, H, L, D = xs[0].shape
-    if per_head:
-        flat = xs[0].new_empty(H, L, len(xs), B, D)
-        parts = [flat[:, :, i] for i in range(len(xs))]  # each (H, L, B, Dh)
-        src = [x.permute(1, 2, 0, 3) for x in xs]
-    else:
-        flat = xs[0].new_empty(L, len(xs), B, H, D)
-        parts = [flat[:, i] for i in range(len(xs))]  # each (L, B, H, Dh)
-        src = [x.permute(2, 0, 1, 3) for x in xs]
-    for part, x in zip(parts, src):
-        part.copy_(x)
+    flat = xs[0].new_empty(L, len(xs), B, D)
+    for i, x in enumerate(xs):
+        flat[:, i].copy_(x[:, h].transpose(0, 1))  # (L, B, Dh)
     if mask is not None:  # padded rows carry nothing, whatever their value
-        flat.masked_fill_(~(mask.t()[None, :, None, :, None] if per_head else mask.t()[:, None, :, None, None]), 0.0)
-    return flat.view(H, L, -1) if per_head else flat.view(L, -1)
+        flat.masked_fill_(~mask.t()[:, None, :, None], 0.0)
+    return flat.view(L, -1)
 
 
 class _ProjectLength(torch.autograd.Function):
-    """proj applied along the length of each of xs (B, H, L, Dh), padded rows zeroed first, as one GEMM
-    (one per head); backward writes each input's gradient straight into (B, L, H, Dh) memory, the
+    """proj (k, L), or per head (H, k, L), applied along the length of each of xs (B, H, L, Dh) with
+    padded rows zeroed first: one GEMM per head for all of xs (keys and values together when they share
+    a projection); backward writes each input's gradient straight into (B, L, H, Dh) memory, the
     layout of the q/k/v projections, so nothing downstream copies it again."""
 
     @staticmethod
     def forward(ctx, proj: torch.Tensor, mask: torch.Tensor | None,  # type: ignore[override]
                 *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         B, H, L, D = xs[0].shape
-        per_head = proj.dim() == 3
-        flat = _flat(xs, per_head, mask)  # (H, L, n*B*Dh) or (L, n*B*H*Dh)
-        out = torch.matmul(proj, flat)  # (H, k, n*B*Dh) or (k, n*B*H*Dh)
-        ctx.save_for_backward(proj, flat, mask)
-        ctx.per_head, ctx.shape = per_head, (B, H, L, D)
-        k = proj.shape[-2]
-        if per_head:
-            outs = out.view(H, k, len(xs), B, D).permute(2, 3, 0, 1, 4)  # (n, B, H, k, Dh)
-        else:
-            outs = out.view(k, len(xs), B, H, D).permute(1, 2, 3, 0, 4)  # (n, B, H, k, Dh)
-        return tuple(outs.unbind(0))
+        n, k = len(xs), proj.shape[-2]
+        out = xs[0].new_empty(n, B, k, H, D)
+        flats = []
+        for h in range(H):
+            flat = _flat(xs, h, mask)  # (L, n*B*Dh)
+            flats.append(flat)
+            res = torch.mm(proj[h] if proj.dim() == 3 else proj, flat)  # (k, n*B*Dh)
+            out[:, :, :, h].copy_(res.view(k, n, B, D).permute(1, 2, 0, 3))
+        ctx.save_for_backward(proj, mask, *flats)
+        ctx.shape = (B, H, L, D)
+        return tuple(out.transpose(2, 3).unbind(0))  # each (B, H, k, Dh)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
-        proj, flat, mask = ctx.saved_tensors
+        proj, mask, *flats = ctx.saved_tensors
         B, H, L, D = ctx.shape
         n, k = len(grads), proj.shape[-2]
-        if ctx.per_head:
-            g = proj.new_empty(H, k, n, B, D)
+        grad_proj = torch.zeros_like(proj) if ctx.needs_input_grad[0] else None
+        need_x = [ctx.needs_input_grad[2 + i] for i in range(n)]
+        gxs = [proj.new_empty(B, L, H, D) if need else None for need in need_x]
+        for h in range(H):
+            g = proj.new_empty(k, n, B, D)
             for i, gi in enumerate(grads):
-                g[:, :, i].copy_(gi.permute(1, 2, 0, 3))
-            g = g.view(H, k, -1)  # (H, k, n*B*Dh)
-        else:
-            g = proj.new_empty(k, n, B, H, D)
-            for i, gi in enumerate(grads):
-                g[:, i].copy_(gi.permute(2, 0, 1, 3))
-            g = g.view(k, -1)  # (k, n*B*H*Dh)
-        grad_proj = torch.matmul(g, flat.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-        grad_xs = [None] * n
-        if any(ctx.needs_input_grad[2:]):
-            gflat = torch.matmul(proj.transpose(-1, -2), g)  # (H, L, n*B*Dh) or (L, n*B*H*Dh)
-            if ctx.per_head:
-                src = gflat.view(H, L, n, B, D).permute(2, 3, 1, 0, 4)  # (n, B, L, H, Dh)
-            else:
-                src = gflat.view(L, n, B, H, D).permute(1, 2, 0, 3, 4)  # (n, B, L, H, Dh)
-            keep = None if mask is None else mask[:, :, None, None]  # (B, L, 1, 1)
-            for i in range(n):
-                if not ctx.needs_input_grad[2 + i]:
-                    continue
-                gx = flat.new_empty(B, L, H, D).copy_(src[i])
-                if keep is not None:
-                    gx.masked_fill_(~keep, 0.0)
-                grad_xs[i] = gx.transpose(1, 2)  # (B, H, L, Dh)
-        return (grad_proj, None, *grad_xs)
+                g[:, i].copy_(gi[:, h].transpose(0, 1))  # (k, B, Dh)
+            g = g.view(k, -1)  # (k, n*B*Dh)
+            p = proj[h] if proj.dim() == 3 else proj
+            if grad_proj is not None:
+                (grad_proj[h] if proj.dim() == 3 else grad_proj).addmm_(g, flats[h].t())
+            if any(need_x):
+                gflat = torch.mm(p.t(), g).view(L, n, B, D)
+                for i, gx in enumerate(gxs):
+                    if gx is not None:
+                        gx[:, :, h].copy_(gflat[:, i].transpose(0, 1))  # (B, L, Dh)
+        if mask is not None:
+            for gx in gxs:
+                if gx is not None:
+                    gx.masked_fill_(~mask[:, :, None, None], 0.0)
+        return (grad_proj, None, *[None if gx is None else gx.transpose(1, 2) for gx in gxs])
 
 
 class LinformerAttention(AttentionBackend):
