@@ -141,6 +141,7 @@ def test_feature_maps_are_reused_between_steps_without_changing_results():
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
     assert len(seen[0]) == 3 and seen[0] == seen[1] == seen[2]  # two feature maps and the backward's buffer
     assert not copy.deepcopy(attn).feature_maps.free  # scratch memory is not copied
+    assert not attn.eval().feature_maps.free and attn.train().training  # nor kept for evaluation
 
 
 def test_a_kept_graph_whose_maps_were_reused_fails_loudly():

@@ -293,6 +293,11 @@ class PerformerAttention(AttentionBackend):
         self.register_buffer("projection", orthogonal_features(num_features, head_dim, gen))  # (m, Dh)
         self.feature_maps = FeatureMaps()  # scratch memory reused between training steps, not state
 
+    def train(self, mode: bool = True) -> PerformerAttention:
+        if not mode:
+            self.feature_maps.free.clear()  # evaluation needs no maps kept for the next training step
+        return super().train(mode)
+
     @torch.no_grad()
     def redraw_features(self) -> None:
         """Replace the projection by a fresh draw from torch's global RNG."""
