@@ -76,10 +76,10 @@ class Workspace:
 
 class _Chunks:
     """Shared state of one call: q pre-scaled by 1/√Dh, V pre-scaled by 1/(1 - p), the key-padding bias,
-    and the chunks. All 3-D with batch BH = B*H; keys S. A chunk is (b0, b1, i0, i1): rows b0:b1 of the
-    batch, queries i0:i1: whole (L, S) matrices of as many rows as fit in `chunk_elements`, or, when
-    one does not fit, blocks of queries of one row. Either way each chunk is contiguous in (BH, L, S)
-    order and the chunks follow that order, so the draws land on the probabilities in that order."""
+    and the chunks. All 3-D with batch BH = B*H; keys S. A chunk is (b0, b1, i0, i1, keys, offset): rows
+    b0:b1 of the batch, queries i0:i1, the first `keys` keys (up to the rows' last real key), stored at
+    `offset`: whole matrices of as many rows as fit in `chunk_elements`, or, when one does not fit, blocks
+    of queries of one row. The chunks follow (BH, L, S) order, and so do the draws within each."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                  p: float, ws: Workspace, chunk_elements: int) -> None:
