@@ -19,6 +19,8 @@ folder are an error, never silently merged.
 from __future__ import annotations
 
 import argparse
+import collections
+import csv
 import json
 import os
 import shutil
@@ -102,15 +104,52 @@ def load_rows(folder: Path, margin: float = PLATEAU_MARGIN) -> list[Row]:
     return sorted((r for r, _ in rows.values()), key=lambda r: (r.backend, r.seed))
 
 
+def root_operator_baseline(data_dir: Path) -> dict[str, float] | None:
+    """Accuracy (%) on val and test of the majority label per root operator (the first operator token of
+    an expression, learned on train): what a model knows once it knows which operator stands first.
+    None when the TSVs of `data_dir` are missing or not ListOps' `Source<TAB>Target` layout."""
+    def rows(split: str):
+        with open(Path(data_dir) / f"basic_{split}.tsv", newline="") as f:
+            lines = csv.reader(f, delimiter="\t")
+            next(lines, None)  # header
+            for line in lines:
+                ops = [t for t in line[0].split() if t.startswith("[")] if len(line) == 2 else []
+                if not ops:
+                    raise ValueError(f"{data_dir}/basic_{split}.tsv line {lines.line_num}: no operator")
+                yield ops[0], line[1]
+
+    try:
+        by_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for op, label in rows("train"):
+            by_op[op][label] += 1
+        overall = sum(by_op.values(), collections.Counter()).most_common(1)[0][0]
+        guess = {op: c.most_common(1)[0][0] for op, c in by_op.items()}
+        out = {}
+        for split in ("val", "test"):
+            pairs = list(rows(split))
+            out[split] = 100.0 * sum(guess.get(op, overall) == y for op, y in pairs) / max(1, len(pairs))
+        return out
+    except (OSError, ValueError, IndexError, csv.Error):
+        return None
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
-def render_table(rows: list[Row], title: str, margin: float = PLATEAU_MARGIN) -> str:
-    """Markdown: a per-seed table and a per-backend summary (left the plateau k/n, mean test acc)."""
+def render_table(rows: list[Row], title: str, margin: float = PLATEAU_MARGIN,
+                 baseline: dict[str, float] | None = None) -> str:
+    """Markdown: a per-seed table and a per-backend summary (left the plateau k/n, mean test acc);
+    `baseline`: the root-operator baseline of the check's data (root_operator_baseline)."""
     out = [f"# {title}", "",
            f"Plateau exit: the first validation step with accuracy >= majority-class rate + {margin:g} points "
-           "(`—`: never left it). Accuracies in %.", "",
+           "(`—`: never left it). Accuracies in %.", ""]
+    if baseline:
+        out += [f"Root-operator baseline (the majority label per first operator, learned on train): val "
+                f"{baseline['val']:.1f}, test {baseline['test']:.1f}. Leaving the plateau up to this level needs no "
+                "more than knowing which operator stands first; only accuracy above it shows the model reading "
+                "the rest of the expression.", ""]
+    out += [
            "| backend | seed | plateau exit (step) | best val | final val | test | majority | steps | train s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -129,6 +168,19 @@ def render_table(rows: list[Row], title: str, margin: float = PLATEAU_MARGIN) ->
         mean = f"{statistics.mean(tests):.1f} (n={len(tests)})" if tests else "—"
         out.append(f"| {b} | {left}/{len(mine)} | {mean} |")
     return "\n".join(out) + "\n"
+
+
+def baseline_of(folder: Path) -> dict[str, float] | None:
+    """The root-operator baseline of the data the records in `folder` were trained on (their config's
+    data_dir, relative to the working directory), if every record names one folder and it is here."""
+    dirs = set()
+    for path in Path(folder).glob("*.json"):
+        try:
+            rec = json.loads(path.read_text())
+            dirs.add(str(rec["config"]["data_dir"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return root_operator_baseline(Path(dirs.pop())) if len(dirs) == 1 else None
 
 
 def discovered_backends() -> list[str]:
@@ -209,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise CheckError(f"no records in {a.results}; run without --table-only first.")
         title = a.title or f"Long-range learning check: {a.results.name}"
-        table = render_table(rows, title, a.margin)
+        table = render_table(rows, title, a.margin, baseline_of(a.results))
         atomic_write(a.results / "TABLE.md", table)
         print(table)
     except CheckError as err:

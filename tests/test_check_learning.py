@@ -120,3 +120,17 @@ def test_commands_compose_the_check_alone_and_after_a_preset(tmp_path, check_nam
         for key in ("data_dir", "task.max_len", "trainer.max_steps", "trainer.val_check_interval",
                     "scheduler.warmup_steps"):
             assert OmegaConf.select(cfg, key) == OmegaConf.select(check, key), key
+
+
+def test_root_operator_baseline_is_the_majority_label_per_first_operator(tmp_path):
+    rows = {"train": [("( ( [MAX 1 2 ] ) 3 )", "3"), ("[MAX 4 ]", "3"), ("[MIN 5 7 ]", "5"), ("[MIN 1 ]", "5"),
+                      ("[MIN 0 ]", "0")],
+            "val": [("[MAX 1 ]", "3"), ("[MIN 2 ]", "2")],
+            "test": [("[MAX 3 ]", "3"), ("[MIN 5 ]", "5"), ("[MED 5 ]", "5"), ("[MIN 0 ]", "0")]}
+    for split, pairs in rows.items():
+        (tmp_path / f"basic_{split}.tsv").write_text("Source\tTarget\n" + "".join(f"{s}\t{t}\n" for s, t in pairs))
+    # MAX -> 3, MIN -> 5; an operator unseen in train (MED) gets the overall majority (3 and 5 tie: first seen, 3)
+    assert cl.root_operator_baseline(tmp_path) == {"val": 50.0, "test": 50.0}
+    (tmp_path / "basic_test.tsv").write_text("Source\tTarget\n1 2 3\t4\n")  # no operator: not ListOps
+    assert cl.root_operator_baseline(tmp_path) is None
+    assert cl.root_operator_baseline(tmp_path / "missing") is None
