@@ -151,3 +151,22 @@ def test_model_bench_batches_pad_variable_length_tasks_as_training_does():
         assert bool(mask.all()) == reader.fixed_length, task
         kinds.add(reader.fixed_length)
     assert kinds == {True, False}  # both kinds of task exist in conf/task/
+
+
+def test_compile_flag_reaches_every_classifier_job_and_only_those(monkeypatch):
+    import torch
+
+    from lra.bench import workloads
+    from lra.bench.cli import parse_args, plan
+    from lra.config import backend_names
+
+    backend = backend_names()[0]
+    jobs = plan(parse_args(["--compile", "--backends", backend, "--lengths", "64", "--tasks", "listops"]))
+    model = [j for j in jobs if j["spec"].get("workload") == "model"]
+    assert model and all(j["spec"]["compile"] and "(compiled)" in j["label"] for j in model)
+    assert not any(j["spec"].get("compile") for j in jobs if j["spec"].get("workload") != "model")
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    spec = {**model[0]["spec"], "model_length": 32, "model_batch": 2}
+    workloads.model_workload(spec, spec["impls"][0], torch.device("cpu"))
+    assert len(compiled) == 1  # the classifier, in place, as lra-train compile=true does

@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="protocol whose preset model the classifier rows time ('none': the default recipe)")
     p.add_argument("--model-options", type=_csv(str), default=[],
                    help="attention options for the classifier rows, comma list of KEY=VALUE (e.g. attn_dropout=0)")
+    p.add_argument("--compile", action="store_true",
+                   help="time the classifier compiled (torch.compile, as lra-train compile=true); warm-up steps compile")
     p.add_argument("--model-warmup", type=int, default=1)
     p.add_argument("--model-repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (its worker is killed)")
@@ -151,11 +153,13 @@ def plan(args: argparse.Namespace) -> list[dict]:
         for task in args.tasks:
             for backend in args.backends:
                 impl = {"impl": "ours", "backend": backend, "options": dict(kv.split("=", 1) for kv in args.model_options)}
-                jobs.append({"label": f"{task} classifier, {backend}", "n": None, "task": task,
+                jobs.append({"label": f"{task} classifier, {backend}" + (" (compiled)" if args.compile else ""),
+                             "n": None, "task": task,
                              "spec": _spec(args, workload="model", task=task, n=0, impls=[impl],
                                            preset=None if args.preset == "none" else args.preset,
                                            warmup=args.model_warmup, repeats=args.model_repeats,
-                                           model_batch=args.model_batch, model_length=args.model_length)})
+                                           model_batch=args.model_batch, model_length=args.model_length,
+                                           compile=args.compile)})
         for task in args.tasks:  # the DataModule alone, to put beside the step times above
             impl = {"impl": "ours", "backend": "data", "options": {"num_workers": args.num_workers}}
             jobs.append({"label": f"{task} data loading", "n": None, "task": task,
@@ -208,7 +212,7 @@ def _record(args: argparse.Namespace, mode: str, load_before: dict) -> dict:
                                               "device", "threads", "warmup", "repeats", "timeout", "memory_limit_mb")}
     if mode == "layer":
         settings.update(tasks=args.tasks, preset=args.preset, model_options=args.model_options, model_warmup=args.model_warmup, model_repeats=args.model_repeats,
-                        model_batch=args.model_batch, model_length=args.model_length)
+                        model_batch=args.model_batch, model_length=args.model_length, compile=args.compile)
     if mode == "reference":
         settings["reference_options"] = {b: REFERENCE_OPTIONS[b] for b in args.backends}
     return {"schema": 1, "mode": mode, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -128,6 +128,8 @@ def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
     net = build_net(cfg, vocab_size, num_classes)  # every model argument from the config, as lra-train builds it
     net = net.to(device=device, dtype=DTYPES[spec["dtype"]]).train()
     opt = instantiate(cfg.optimizer)(net.parameters())
+    if spec.get("compile"):  # as lra-train compile=true: in place; the warm-up steps pay the compilation
+        net.compile()
     g = torch.Generator().manual_seed(0)
     ids, mask = padded_batch(batch, n, vocab_size, reader.fixed_length, g)
     data = {"input_ids": ids.to(device), "mask": mask.to(device)}
