@@ -48,12 +48,14 @@ class _WordDropout(torch.autograd.Function):
         scale = 1.0 / (1.0 - quantized_p(p))
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        # where(keep, x, 0), not x.mul(keep): multiplying by a bool tensor first converts the whole mask to
+        # x's dtype (one more full-size pass and allocation); same values on finite inputs
+        return torch.where(keep, x, 0.0).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
