@@ -8,7 +8,8 @@ therefore p rounded to a multiple of 1/65536 (0.1 -> 0.1000061), and the kept va
 1 / (1 - that probability), so the layer stays unbiased. The keep mask is saved for backward as one
 byte per element (`nn.Dropout` saves a float mask).
 
-On other devices (CUDA's dropout is fused and fast) and in eval mode this is `F.dropout` exactly.
+On other devices (CUDA's dropout is fused and fast), under `torch.compile` (which fuses its own) and in
+eval mode this is `F.dropout` exactly.
 Randomness comes from torch's global generator of the input's device, so runs stay reproducible
 under `torch.manual_seed` and resume restores it like any other draw.
 """
@@ -64,8 +65,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if x.device.type != "cpu" or quantized_p(p) == 0.0:
-        return F.dropout(x, p, training)
+    if x.device.type != "cpu" or quantized_p(p) == 0.0 or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)  # under torch.compile: the compiler's own fused dropout
     return _WordDropout.apply(x, p)
 
 

@@ -134,6 +134,26 @@ def test_compiled_network_gives_the_eager_loss_and_gradients():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_network_trains_with_dropout():
+    """Dropout (the word-based CPU sampler and softmax's attention dropout) under torch.compile: the
+    compiler's own dropout is used, the step runs and every parameter gets a finite gradient."""
+    from lra.config import compose
+    from lra.training.run import build_net
+
+    cfg = compose(["experiment=smoke", "task.max_len=32", "attention=softmax", "model.dropout=0.1",
+                   "attention.attn_dropout=0.1"])
+    torch.manual_seed(0)
+    net = build_net(cfg, vocab_size=17, num_classes=10).train()
+    net.compile()
+    ids = torch.randint(1, 17, (4, 32), generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(32)[None, :] < torch.tensor([[32], [20], [9], [31]])
+    loss = F.cross_entropy(net({"input_ids": ids, "mask": mask}), torch.tensor([1, 2, 3, 4]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+
+
 def _reference_with_mask(q, k, v, pad, keep, p):
     """The textbook formula given the keep mask: softmax, times keep / (1 - p), times V (float64)."""
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
