@@ -134,24 +134,37 @@ def test_compiled_network_gives_the_eager_loss_and_gradients():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _protocol_backends() -> list[str]:
+    from lra.config import protocol_backends
+
+    return protocol_backends("nystromformer")
+
+
 @pytest.mark.slow
-def test_compiled_network_trains_with_dropout():
-    """Dropout (the word-based CPU sampler and softmax's attention dropout) under torch.compile: the
-    compiler's own dropout is used, the step runs and every parameter gets a finite gradient."""
+@pytest.mark.parametrize("backend", _protocol_backends())
+def test_compiled_preset_model_trains_with_dropout_and_evaluates(backend):
+    """The Nyströmformer preset's model of each backend it compares under torch.compile, at toy size:
+    dropout (the word-based CPU sampler hands over to the compiler's own) and the backends' hand-written
+    paths trace; a training step gives every parameter a finite gradient, and an inference-mode forward
+    (what evaluation and lra-bench run) equals the eager network's."""
     from lra.config import compose
     from lra.training.run import build_net
 
-    cfg = compose(["experiment=smoke", "task.max_len=32", "attention=softmax", "model.dropout=0.1",
-                   "attention.attn_dropout=0.1"])
+    cfg = compose(["experiment=nystromformer/listops", f"attention={backend}", "task.max_len=64"])
     torch.manual_seed(0)
     net = build_net(cfg, vocab_size=17, num_classes=10).train()
-    net.compile()
-    ids = torch.randint(1, 17, (4, 32), generator=torch.Generator().manual_seed(1))
-    mask = torch.arange(32)[None, :] < torch.tensor([[32], [20], [9], [31]])
-    loss = F.cross_entropy(net({"input_ids": ids, "mask": mask}), torch.tensor([1, 2, 3, 4]))
+    ids = torch.randint(1, 17, (4, 64), generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(64)[None, :] < torch.tensor([[64], [40], [9], [63]])
+    batch = {"input_ids": ids, "mask": mask}
+    with torch.inference_mode():
+        eager = net.eval()(batch)
+    net.train().compile()
+    loss = F.cross_entropy(net(batch), torch.tensor([1, 2, 3, 4]))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+    with torch.inference_mode():
+        assert torch.allclose(net.eval()(batch), eager, rtol=1e-4, atol=1e-5)
 
 
 def _reference_with_mask(q, k, v, pad, keep, p):

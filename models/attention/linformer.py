@@ -145,6 +145,14 @@ class LinformerAttention(AttentionBackend):
         L = k.shape[-2]
         self.check_length(L)
         proj_k = self.proj_k if L == self.max_len else self.proj_k[..., :L]  # the first L columns
+        if torch.compiler.is_compiling():  # the same function in plain ops, which the compiler can trace
+            proj_v = proj_k if self.proj_v is None else self.proj_v[..., :L]
+            if key_padding_mask is not None:
+                pad = ~key_padding_mask[:, None, :, None]  # (B, 1, L, 1)
+                k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+            k_proj = torch.matmul(proj_k.to(k.dtype), k)  # (k, L) or (H, k, L) @ (B, H, L, Dh) -> (B, H, k, Dh)
+            v_proj = torch.matmul(proj_v.to(v.dtype), v)
+            return F.scaled_dot_product_attention(q, k_proj, v_proj)
         if self.proj_v is None:  # E = F: keys and values side by side in one GEMM
             k_proj, v_proj = _ProjectLength.apply(proj_k.to(k.dtype), key_padding_mask, k, v)  # (B, H, k, Dh)
         else:
