@@ -199,6 +199,7 @@ def execute(jobs: list[dict], args: argparse.Namespace, console: Console) -> lis
                     continue
                 e.update({k: v for k, v in by_impl[(impl["impl"], impl["backend"])].items() if k not in ("impl", "backend")})
                 e["threads"], e["wall_s"] = result.get("threads"), result.get("wall_s")
+                e["malloc_tuned"] = result.get("malloc_tuned")
                 if spec["workload"] in ("model", "data"):
                     e.update(n=result.get("n"), batch=result.get("batch"), tokens=result.get("tokens"))
             bar.advance(task_id)

@@ -101,6 +101,9 @@ def is_oom(err: BaseException) -> bool:
 
 
 def run(spec: dict) -> dict:
+    from lra.training.allocator import tune_allocator
+
+    tune_allocator()  # as lra-train does (LRA_MALLOC_TUNING=0 times glibc's defaults)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
@@ -111,7 +114,8 @@ def run(spec: dict) -> dict:
         build = lambda spec_, impl, device_: data_workload(spec_)  # noqa: E731
     else:
         build = layer_workload if spec["workload"] == "layer" else model_workload
-    out: dict = {"status": "ok", "error": None, "threads": torch.get_num_threads(), "results": []}
+    out: dict = {"status": "ok", "error": None, "threads": torch.get_num_threads(), "results": [],
+                 "malloc_tuned": tune_allocator()}
     try:
         loads: list[Workload] = [build(spec, impl, device) for impl in spec["impls"]]
         torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool before measuring

@@ -275,6 +275,9 @@ def run(cfg: DictConfig) -> dict:
         import torch
 
         torch.set_num_threads(int(cfg.threads))
+    from lra.training.allocator import tune_allocator
+
+    tune_allocator()  # large activations keep their memory between steps (LRA_MALLOC_TUNING=0: glibc's defaults)
     dm, module = build(cfg, check_data(cfg))
     run_dir = Path(cfg.run_dir).resolve()
     ckpt_dir = run_dir / "checkpoints"  # absolute, as Lightning reports checkpoint paths
