@@ -64,10 +64,14 @@ class Row:
     steps: int | None = None
     seconds: float | None = None
     file: str = ""
+    data_dir: str | None = None  # the run's config.data_dir (where its TSVs are, relative to the working dir)
 
 
 def row_from_record(rec: dict, file: str = "", margin: float = PLATEAU_MARGIN) -> Row:
-    row = Row(rec.get("attention", "?"), int(rec.get("seed", -1)), rec.get("status", "?"), file=file)
+    config = rec.get("config")
+    data_dir = config.get("data_dir") if isinstance(config, dict) else None
+    row = Row(rec.get("attention", "?"), int(rec.get("seed", -1)), rec.get("status", "?"), file=file,
+              data_dir=None if data_dir is None else str(data_dir))
     if row.status != "finished":
         return row
     hist = [h for h in rec.get("val_history") or [] if h[1] is not None]
@@ -170,17 +174,11 @@ def render_table(rows: list[Row], title: str, margin: float = PLATEAU_MARGIN,
     return "\n".join(out) + "\n"
 
 
-def baseline_of(folder: Path) -> dict[str, float] | None:
-    """The root-operator baseline of the data the records in `folder` were trained on (their config's
-    data_dir, relative to the working directory), if every record names one folder and it is here."""
-    dirs = set()
-    for path in Path(folder).glob("*.json"):
-        try:
-            rec = json.loads(path.read_text())
-            dirs.add(str(rec["config"]["data_dir"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return root_operator_baseline(Path(dirs.pop())) if len(dirs) == 1 else None
+def baseline_of(rows: list[Row]) -> dict[str, float] | None:
+    """The root-operator baseline of the data the runs were trained on (their config's data_dir), if
+    every row names one folder and it is here."""
+    dirs = {r.data_dir for r in rows}
+    return root_operator_baseline(Path(dirs.pop())) if len(dirs) == 1 and None not in dirs else None
 
 
 def discovered_backends() -> list[str]:
@@ -261,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise CheckError(f"no records in {a.results}; run without --table-only first.")
         title = a.title or f"Long-range learning check: {a.results.name}"
-        table = render_table(rows, title, a.margin, baseline_of(a.results))
+        table = render_table(rows, title, a.margin, baseline_of(rows))
         atomic_write(a.results / "TABLE.md", table)
         print(table)
     except CheckError as err:

@@ -134,3 +134,21 @@ def test_root_operator_baseline_is_the_majority_label_per_first_operator(tmp_pat
     (tmp_path / "basic_test.tsv").write_text("Source\tTarget\n1 2 3\t4\n")  # no operator: not ListOps
     assert cl.root_operator_baseline(tmp_path) is None
     assert cl.root_operator_baseline(tmp_path / "missing") is None
+
+
+def test_table_states_the_baseline_of_the_data_its_records_name(tmp_path, monkeypatch):
+    data, results = tmp_path / "data", tmp_path / "results"
+    data.mkdir(), results.mkdir()
+    for split in ("train", "val", "test"):
+        (data / f"basic_{split}.tsv").write_text("Source\tTarget\n[MAX 1 3 ]\t3\n[MIN 5 7 ]\t5\n")
+    for seed in (0, 1):
+        rec = json.loads(_record(results, "b", seed, [[20, 40.0]]).read_text())
+        rec["config"] = {"data_dir": "data"}
+        (results / f"listops-b-s{seed}-h1-finished.json").write_text(json.dumps(rec))
+    monkeypatch.chdir(tmp_path)  # data_dir is relative to the working directory, as lra-train wrote it
+    assert cl.baseline_of(cl.load_rows(results)) == {"val": 100.0, "test": 100.0}
+    assert cl.main(["--table-only", "--results", "results"]) == 0
+    assert "Root-operator baseline" in (results / "TABLE.md").read_text()
+    rec["config"] = {"data_dir": "elsewhere"}  # two data folders: no single baseline to state
+    (results / "listops-b-s1-h1-finished.json").write_text(json.dumps(rec))
+    assert cl.baseline_of(cl.load_rows(results)) is None

@@ -101,7 +101,7 @@ def is_oom(err: BaseException) -> bool:
 
 
 def run(spec: dict) -> dict:
-    from lra.training.allocator import tune_allocator
+    from lra.training.allocator import allocator_tuned, tune_allocator
 
     tune_allocator()  # as lra-train does (LRA_MALLOC_TUNING=0 times glibc's defaults)
     if spec.get("threads"):
@@ -115,7 +115,7 @@ def run(spec: dict) -> dict:
     else:
         build = layer_workload if spec["workload"] == "layer" else model_workload
     out: dict = {"status": "ok", "error": None, "threads": torch.get_num_threads(), "results": [],
-                 "malloc_tuned": tune_allocator()}
+                 "malloc_tuned": allocator_tuned()}
     try:
         loads: list[Workload] = [build(spec, impl, device) for impl in spec["impls"]]
         torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool before measuring
