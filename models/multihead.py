@@ -59,7 +59,12 @@ class MultiHeadAttention(nn.Module):
         # q, k, v by one GEMM each with the rows of the fused weight (views): each comes out (B, L, H, Dh)
         # contiguous, and so does its gradient from the fused kernels, which then needs no copy
         w, b = self.qkv.weight.view(3, H * Dh, -1), self.qkv.bias.view(3, H * Dh)
-        q, k, v = (F.linear(x, w[i], b[i]).view(B, L, H, Dh).transpose(1, 2) for i in range(3))  # (B, H, L, Dh)
-        out = self.attn(q, k, v, key_padding_mask)  # (B, H, L, Dh)
+        from_input = getattr(self.attn, "forward_from_input", None)
+        if callable(from_input):  # the backend forms keys and values from x itself (Linformer)
+            q = F.linear(x, w[0], b[0]).view(B, L, H, Dh).transpose(1, 2)  # (B, H, L, Dh)
+            out = from_input(q, x, w[1:], b[1:], key_padding_mask)
+        else:
+            q, k, v = (F.linear(x, w[i], b[i]).view(B, L, H, Dh).transpose(1, 2) for i in range(3))  # (B, H, L, Dh)
+            out = self.attn(q, k, v, key_padding_mask)  # (B, H, L, Dh)
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
         return self.drop(self.out(out))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lra.config import attention_spec, backend_names
+from models.attention.linformer import SHARING
 from models.attention.nystrom import nonempty_landmarks
 from models.classifier import build_model
 from models.heads import pool
@@ -100,27 +101,11 @@ def test_nonempty_landmarks_without_a_mask_counts_segments_of_the_padded_length(
     assert nonempty_landmarks(None, 3, 100, 64, "padded").tolist() == [50] * 3
 
 
-@pytest.mark.parametrize("length", [12, 16], ids=["shorter", "max_len"])
-@pytest.mark.parametrize("sharing", ["none", "headwise", "kv", "layerwise"])
-def test_linformer_projection_gradients_match_the_plain_formula(sharing, length):
-    """The length projection's own backward (keys and values in one GEMM when E = F, gradients written
-    in the q/k/v projections' layout, padded rows zeroed) against autograd through the plain formula."""
-    from models.attention.linformer import LinformerAttention
+@pytest.mark.parametrize("sharing", SHARING)
+def test_linformer_keys_and_values_from_the_input_match_forward(sharing):
+    """In the model, Linformer projects the layer's input along the length and then maps it to keys and
+    values (`forward_from_input`); for every sharing mode that is `forward` on the wrapper's k, v: outputs
+    and gradients, masked and not, at max_len and shorter (the contract's check, at each sharing)."""
+    from lra.testing.contract import backend_spec, check_forward_from_input
 
-    torch.manual_seed(0)
-    attn = LinformerAttention(2, 4, max_len=16, proj_dim=5, sharing=sharing).double()
-    g = torch.Generator().manual_seed(4)
-    # q, k, v as the wrapper hands them over: (B, H, L, Dh) views of (B, L, H, Dh) memory
-    q, k, v = (torch.randn(B, length, 2, 4, dtype=torch.float64, generator=g).transpose(1, 2).requires_grad_()
-               for _ in range(3))
-    mask = torch.arange(length)[None] < torch.tensor([length, 7])[:, None]
-    e = attn.proj_k[..., :length]
-    f = e if attn.proj_v is None else attn.proj_v[..., :length]
-    keep = mask[:, None, :, None].double()
-    ref = F.scaled_dot_product_attention(q, e @ (k * keep), f @ (v * keep))
-    ours = attn(q, k, v, mask)
-    torch.testing.assert_close(ours, ref)
-    params = [p for p in attn.parameters()]
-    gy = torch.randn_like(ours)
-    for got, want in zip(torch.autograd.grad(ours, (q, k, v, *params), gy), torch.autograd.grad(ref, (q, k, v, *params), gy)):
-        torch.testing.assert_close(got, want)
+    check_forward_from_input({**backend_spec("linformer"), "sharing": sharing, "proj_dim": 5})

@@ -173,6 +173,34 @@ def check_length_limit(spec: dict) -> None:
     raise AssertionError("built for max_len=16, check_length(17) did not raise AttentionConfigError")
 
 
+def check_forward_from_input(spec: dict) -> None:
+    """A backend with the optional `forward_from_input(q, x, kv_weight, kv_bias, mask)` hook (it forms keys
+    and values from the layer's input itself) computes what `forward(q, k, v, mask)` computes on the
+    wrapper's k, v: outputs and gradients to the input and every parameter, float64, with and without a
+    mask, at the maximum length and a shorter one. Backends without the hook pass."""
+    if not callable(getattr(_cls(spec), "forward_from_input", None)):
+        return
+    for length in (L, MAX_LEN):
+        for mask in (padding_mask(length=length), None):
+            torch.manual_seed(0)
+            mha = MultiHeadAttention(DIM, H, spec, head_dim=DH, max_len=MAX_LEN).double()
+            x = torch.randn(B, length, DIM, dtype=torch.float64, requires_grad=True)
+            fused = mha(x, mask)
+            w, b = mha.qkv.weight.view(3, H * DH, DIM), mha.qkv.bias.view(3, H * DH)
+            q, k, v = (nn.functional.linear(x, w[i], b[i]).view(B, length, H, DH).transpose(1, 2) for i in range(3))
+            plain = mha.out(mha.attn(q, k, v, mask).transpose(1, 2).reshape(B, length, H * DH))
+            what = f"length {length}, mask {mask is not None}"
+            _close(fused, plain, f"forward_from_input differs from forward on the wrapper's k, v ({what})", 1e-10, 1e-8)
+            params = [x, *mha.parameters()]
+            gy = torch.randn_like(fused)
+            got = torch.autograd.grad(fused, params, gy, allow_unused=True)
+            want = torch.autograd.grad(plain, params, gy, allow_unused=True)
+            for name, a, c in zip(["input"] + [n for n, _ in mha.named_parameters()], got, want):
+                assert (a is None) == (c is None), f"{name}: gradient reaches it on one path only ({what})"
+                if a is not None:
+                    _close(a, c, f"forward_from_input: the gradient of {name} differs ({what})", 1e-10, 1e-8)
+
+
 def _cls(spec: dict) -> type:
     from models.attention import backend_class
 
@@ -181,7 +209,7 @@ def _cls(spec: dict) -> type:
 
 CHECKS: list[Callable[[dict], None]] = [check_output_shape, check_padding_invariance, check_batch_independence,
                                         check_seeded_determinism, check_gradients, check_float64, check_autocast,
-                                        check_length_limit]
+                                        check_length_limit, check_forward_from_input]
 
 
 def run_checks(spec: dict, checks: list[Callable[[dict], None]] = CHECKS) -> list[tuple[str, str | None]]:

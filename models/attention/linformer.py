@@ -12,14 +12,21 @@ Sharing modes (the Linformer paper's §4), option `sharing`:
 Layerwise sharing goes through the encoder's `tie_to` hook: later layers take layer 0's parameter, so it
 belongs to one model instance (the authors' class attribute was shared by every model in the process).
 A sequence of L <= max_len tokens uses the first L columns; padded keys and values are zeroed before
-projection (in the copy that lays them out for the GEMM; with E = F keys and values share one GEMM).
-The k projected keys are attended with the fused `scaled_dot_product_attention`.
+projection. The k projected keys are attended with the fused `scaled_dot_product_attention`.
+
+Inside the model the keys and values are never formed at length L. The projections along the length and
+the key/value projections of the multi-head wrapper are both linear, so they commute:
+    E (X Wₖᵀ + 1 bₖᵀ) = (E X) Wₖᵀ + (E 1) bₖᵀ
+and the wrapper hands the layer's input X (B, L, dim) to `forward_from_input`, which projects X along
+the length once for keys and values of every head ((H k, L) @ (L, dim) per example: the same GEMM size as
+projecting K and V of one head each, with the (L, dim) @ (dim, 2 H Dh) key/value projection, its
+backward and the head-split copies gone), then maps the k rows to keys and values. Padded rows of X are
+zeroed and E 1 sums E's columns at real tokens only, so this is the function `forward` computes.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,74 +35,6 @@ from torch import nn
 from models.attention.base import AttentionBackend, AttentionConfigError
 
 SHARING = ("none", "headwise", "kv", "layerwise")
-
-
-def project_length(proj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """proj (k, L) or per head (H, k, L) applied along the length of x (B, H, L, Dh) -> (B, H, k, Dh)."""
-    return _ProjectLength.apply(proj, None, x)[0]
-
-
-def _flat(xs: tuple[torch.Tensor, ...], h: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """Head h of tensors (B, H, L, Dh) laid side by side for one GEMM, (L, n*B*Dh), with padded rows
-    (mask (B, L) False) zeroed. One buffer per head keeps each allocation small (large ones are fresh
-    pages from the OS every step)."""
-    B, H, L, D = xs[0].shape
-    flat = xs[0].new_empty(L, len(xs), B, D)
-    for i, x in enumerate(xs):
-        flat[:, i].copy_(x[:, h].transpose(0, 1))  # (L, B, Dh)
-    if mask is not None:  # padded rows carry nothing, whatever their value
-        flat.masked_fill_(~mask.t()[:, None, :, None], 0.0)
-    return flat.view(L, -1)
-
-
-class _ProjectLength(torch.autograd.Function):
-    """proj (k, L), or per head (H, k, L), applied along the length of each of xs (B, H, L, Dh) with
-    padded rows zeroed first: one GEMM per head for all of xs (keys and values together when they share
-    a projection); backward writes each input's gradient straight into (B, L, H, Dh) memory, the
-    layout of the q/k/v projections, so nothing downstream copies it again."""
-
-    @staticmethod
-    def forward(ctx, proj: torch.Tensor, mask: torch.Tensor | None,  # type: ignore[override]
-                *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        B, H, L, D = xs[0].shape
-        n, k = len(xs), proj.shape[-2]
-        out = xs[0].new_empty(n, B, k, H, D)
-        flats = []
-        for h in range(H):
-            flat = _flat(xs, h, mask)  # (L, n*B*Dh)
-            flats.append(flat)
-            res = torch.mm(proj[h] if proj.dim() == 3 else proj, flat)  # (k, n*B*Dh)
-            out[:, :, :, h].copy_(res.view(k, n, B, D).permute(1, 2, 0, 3))
-        ctx.save_for_backward(proj, mask, *flats)
-        ctx.shape = (B, H, L, D)
-        return tuple(out.transpose(2, 3).unbind(0))  # each (B, H, k, Dh)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
-        proj, mask, *flats = ctx.saved_tensors
-        B, H, L, D = ctx.shape
-        n, k = len(grads), proj.shape[-2]
-        grad_proj = torch.zeros_like(proj) if ctx.needs_input_grad[0] else None
-        need_x = [ctx.needs_input_grad[2 + i] for i in range(n)]
-        gxs = [proj.new_empty(B, L, H, D) if need else None for need in need_x]
-        for h in range(H):
-            g = proj.new_empty(k, n, B, D)
-            for i, gi in enumerate(grads):
-                g[:, i].copy_(gi[:, h].transpose(0, 1))  # (k, B, Dh)
-            g = g.view(k, -1)  # (k, n*B*Dh)
-            p = proj[h] if proj.dim() == 3 else proj
-            if grad_proj is not None:
-                (grad_proj[h] if proj.dim() == 3 else grad_proj).addmm_(g, flats[h].t())
-            if any(need_x):
-                gflat = torch.mm(p.t(), g).view(L, n, B, D)
-                for i, gx in enumerate(gxs):
-                    if gx is not None:
-                        gx[:, :, h].copy_(gflat[:, i].transpose(0, 1))  # (B, L, Dh)
-        if mask is not None:
-            for gx in gxs:
-                if gx is not None:
-                    gx.masked_fill_(~mask[:, :, None, None], 0.0)
-        return (grad_proj, None, *[None if gx is None else gx.transpose(1, 2) for gx in gxs])
 
 
 class LinformerAttention(AttentionBackend):
@@ -144,21 +83,49 @@ class LinformerAttention(AttentionBackend):
     ) -> torch.Tensor:
         L = k.shape[-2]
         self.check_length(L)
-        proj_k = self.proj_k if L == self.max_len else self.proj_k[..., :L]  # the first L columns
-        if torch.compiler.is_compiling():  # the same function in plain ops, which the compiler can trace
-            proj_v = proj_k if self.proj_v is None else self.proj_v[..., :L]
-            if key_padding_mask is not None:
-                pad = ~key_padding_mask[:, None, :, None]  # (B, 1, L, 1)
-                k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
-            k_proj = torch.matmul(proj_k.to(k.dtype), k)  # (k, L) or (H, k, L) @ (B, H, L, Dh) -> (B, H, k, Dh)
-            v_proj = torch.matmul(proj_v.to(v.dtype), v)
-            return F.scaled_dot_product_attention(q, k_proj, v_proj)
-        if self.proj_v is None:  # E = F: keys and values side by side in one GEMM
-            k_proj, v_proj = _ProjectLength.apply(proj_k.to(k.dtype), key_padding_mask, k, v)  # (B, H, k, Dh)
+        proj_k = self.proj_k[..., :L].to(k.dtype)  # the first L columns: (k, L) or (H, k, L)
+        proj_v = proj_k if self.proj_v is None else self.proj_v[..., :L].to(v.dtype)
+        if key_padding_mask is not None:  # padded keys and values carry nothing, whatever their value
+            pad = ~key_padding_mask[:, None, :, None]  # (B, 1, L, 1)
+            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+        k_proj = torch.matmul(proj_k, k)  # (k, L) or (H, k, L) @ (B, H, L, Dh) -> (B, H, k, Dh)
+        v_proj = torch.matmul(proj_v, v)
+        return F.scaled_dot_product_attention(q, k_proj, v_proj)
+
+    def forward_from_input(
+        self,
+        q: torch.Tensor,
+        x: torch.Tensor,
+        kv_weight: torch.Tensor,
+        kv_bias: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward(q, k, v, mask)` with k, v = the wrapper's key and value projections of x, computed
+        without forming them at length L (see the module docstring).
+
+        q (B, H, L, Dh); x (B, L, dim), the layer's input; kv_weight (2, H*Dh, dim) and kv_bias (2, H*Dh),
+        the key and value rows of the wrapper's fused projection (heads in order, Dh rows each)."""
+        B, L, dim = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        self.check_length(L)
+        projs = [self.proj_k[..., :L]] + ([] if self.proj_v is None else [self.proj_v[..., :L]])
+        rows = torch.cat(projs) if len(projs) > 1 else projs[0]
+        rows = rows.to(x.dtype).reshape(-1, L)  # (R, L): every row of E (and F)
+        real = None if key_padding_mask is None else key_padding_mask.to(x.dtype)  # (B, L)
+        if key_padding_mask is not None:  # padded rows of x carry nothing, whatever their value
+            x = x.masked_fill(~key_padding_mask[:, :, None], 0.0)
+        lead = (B, len(projs), -1, self.proj_dim)  # rows per projection: H heads of k, or k shared by heads
+        xp = torch.matmul(rows, x).view(*lead, dim)  # (R, L) @ (B, L, dim) -> (B, n, H or 1, k, dim)
+        ones = rows.sum(-1).expand(B, -1) if real is None else torch.matmul(real, rows.t())  # (B, R): E 1
+        ones = ones.reshape(*lead, 1)  # (B, n, H or 1, k, 1)
+        w = kv_weight.view(2, H, Dh, dim).transpose(-1, -2)  # (2, H, dim, Dh)
+        b = kv_bias.view(2, H, 1, Dh)
+        if self.proj_v is None:  # E = F: keys and values of every head from the same k rows
+            kv = torch.matmul(xp[:, 0], torch.cat([w[0], w[1]], -1)) + ones[:, 0] * torch.cat([b[0], b[1]], -1)
+            k_proj, v_proj = kv.split(Dh, -1)  # (B, H, k, Dh) each
         else:
-            proj_v = self.proj_v if L == self.max_len else self.proj_v[..., :L]
-            (k_proj,) = _ProjectLength.apply(proj_k.to(k.dtype), key_padding_mask, k)
-            (v_proj,) = _ProjectLength.apply(proj_v.to(v.dtype), key_padding_mask, v)
+            k_proj = torch.matmul(xp[:, 0], w[0]) + ones[:, 0] * b[0]  # (B, H, k, Dh)
+            v_proj = torch.matmul(xp[:, 1], w[1]) + ones[:, 1] * b[1]
         return F.scaled_dot_product_attention(q, k_proj, v_proj)
 
     def extra_repr(self) -> str:
