@@ -11,6 +11,7 @@ from lra.bench import report
 from lra.bench.approx import approx_tables, plot_approx, run_approx
 from lra.bench.cli import check_reference_installed, main
 from lra.bench.worker import summarize
+from lra.bench.workloads import REFERENCE_PACKAGES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--warmup", "1", "--repeats", "2", "--threads", "1", "--no-progress"]
@@ -62,7 +63,8 @@ def test_out_of_memory_and_timeout_are_recorded_not_raised(tmp_path, capsys):
 
 def test_reference_side_by_side(tmp_path, capsys):
     pytest.importorskip("nystrom_attention")
-    argv = ["--with-reference", "--backends", "nystrom", "--lengths", "64", "--out-dir", str(tmp_path), *TINY]
+    argv = ["--with-reference", "--backends", "nystrom", "--lengths", "64", "--tasks", "none", "--out-dir", str(tmp_path),
+            *TINY]
     assert main(argv) == 0
     record = _load(tmp_path, "cpu-reference-nystrom")
     by_impl = {e["impl"]: e for e in record["results"]}
@@ -71,6 +73,50 @@ def test_reference_side_by_side(tmp_path, capsys):
         assert e["status"] == "ok" and e["fwdbwd"]["runs"] == 2 and e["mem_fwdbwd_mb"] is not None
         assert e["options"] == {"num_landmarks": 64, "pinv_iterations": 6, "conv_kernel": 33}
     assert "| nystrom | 64 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", list(REFERENCE_PACKAGES))
+def test_reference_classifier_has_the_package_attention_in_every_layer(kind):
+    """The model comparison's reference: our preset classifier with the package's attention module (at
+    the settings our preset maps to) in place of every layer's wrapper; it trains, and ours is untouched."""
+    import torch
+
+    from lra.bench.workloads import PackageAttention, build_reference, model_reference_options, model_workload
+    from models.multihead import MultiHeadAttention
+
+    spec = {"task": "listops", "preset": "nystromformer", "dtype": "float32", "model_length": 64, "model_batch": 2}
+    options = model_reference_options(spec, kind)
+    torch.manual_seed(0)
+    ref = model_workload(spec, {"impl": "reference", "backend": kind, "options": options}, torch.device("cpu"))
+    ours = model_workload(spec, {"impl": "ours", "backend": kind, "options": {}}, torch.device("cpu"))
+    package_class = type(build_reference(kind, 64, 64, 2, 32, options))
+    for work, wanted in ((ref, PackageAttention), (ours, MultiHeadAttention)):
+        blocks = work.module.encoder.blocks
+        assert len(blocks) == 2 and all(type(b.attn) is wanted for b in blocks)
+        before = [p.detach().clone() for p in work.module.parameters()]
+        work.train_step()
+        assert all(torch.isfinite(p).all() for p in work.module.parameters())
+        assert any(not torch.equal(a, p) for a, p in zip(before, work.module.parameters())), "no parameter moved"
+    assert all(type(b.attn.module) is package_class and b.attn.drop.p == 0.1 for b in ref.module.encoder.blocks)
+    assert (ref.batch, ref.n) == (ours.batch, ours.n) == (2, 64)
+
+
+def test_reference_whole_classifier_side_by_side(tmp_path, capsys):
+    """--with-reference with a task: the package's model timed beside ours in one process, memory apart,
+    one table row each and their ratio."""
+    kind = next(iter(REFERENCE_PACKAGES))
+    argv = ["--with-reference", "--backends", kind, "--lengths", "32", "--tasks", "listops", "--model-length", "64",
+            "--model-batch", "2", "--model-repeats", "2", "--out-dir", str(tmp_path), *TINY]
+    assert main(argv) == 0
+    models = {e["impl"]: e for e in _load(tmp_path, f"cpu-reference-{kind}")["results"] if e["workload"] == "model"}
+    assert set(models) == {"ours", "reference"}
+    for e in models.values():
+        assert e["status"] == "ok", e["error"]
+        assert e["fwdbwd"]["runs"] == 2 and e["mem_fwdbwd_mb"] is not None and (e["batch"], e["n"]) == (2, 64)
+    assert models["reference"]["options"] and models["ours"]["options"] == {}
+    out = capsys.readouterr().out
+    assert f"| listops | {kind} | package | 2 x 64 |" in out and f"| listops | {kind} | ours | 2 x 64 |" in out
+    assert "step time ours/package" in out
 
 
 def test_missing_reference_package_says_how_to_install(monkeypatch):

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lra.atomic import write_json_atomic
 from lra.bench import report
 from lra.bench.runner import cpu_load, machine_info, package_versions, run_config
-from lra.bench.workloads import REFERENCE_PACKAGES
+from lra.bench.workloads import REFERENCE_PACKAGES, model_reference_options
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 # The side-by-side settings: dim 64, 2 heads x 32; Nyström 64 landmarks, 6 iterations, conv 33
@@ -149,7 +149,22 @@ def plan(args: argparse.Namespace) -> list[dict]:
             else:
                 impl = {"impl": "ours", "backend": backend, "options": yaml_options(backend)}
                 jobs.append({"label": f"{backend} n={n}", "n": n, "spec": _spec(args, n=n, impls=[impl])})
-    if not args.with_reference:
+    if args.with_reference:  # whole classifiers: ours beside the same model with the package's attention
+        for task in args.tasks:
+            for backend in args.backends:
+                preset = None if args.preset == "none" else args.preset
+                impls = [{"impl": "ours", "backend": backend, "options": {}},
+                         {"impl": "reference", "backend": backend,
+                          "options": model_reference_options({"task": task, "preset": preset}, backend)}]
+                model = dict(workload="model", task=task, n=0, preset=preset,
+                             warmup=args.model_warmup, repeats=args.model_repeats, model_batch=args.model_batch,
+                             model_length=args.model_length)
+                for impl in impls:
+                    jobs.append({"label": f"{task} classifier, {backend} {impl['impl']} memory", "n": None, "task": task,
+                                 "spec": _spec(args, **model, impls=[impl], timing=False)})
+                jobs.append({"label": f"{task} classifier, {backend} ours|reference time", "n": None, "task": task,
+                             "spec": _spec(args, **model, impls=impls, memory=False)})
+    else:
         for task in args.tasks:
             for backend in args.backends:
                 impl = {"impl": "ours", "backend": backend, "options": dict(kv.split("=", 1) for kv in args.model_options)}
@@ -246,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     png = report.plot_layers(record, args.out_dir / f"{stem}.png")
     print(report.layer_table(record))
     for table in (report.ratio_table(record) if args.with_reference else "", report.model_table(record),
+                  report.model_ratio_table(record),
                   report.data_table(record), report.targets_table(record["targets"])):
         if table:
             print("\n" + table)

@@ -46,15 +46,32 @@ def model_table(record: dict) -> str:
     entries = _entries(record, "model")
     if not entries:
         return ""
-    rows = ["| task | backend | batch x n | train step ms | tokens/s | steps/s | fwd+bwd MB |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    packages = any(e["impl"] != "ours" for e in entries)  # a column saying whose attention, when both ran
+    rows = ["| task | backend |" + (" attention |" if packages else "") + " batch x n | train step ms | tokens/s | "
+            "steps/s | fwd+bwd MB |", "|---|---|" + ("---|" if packages else "") + "---:|---:|---:|---:|---:|"]
     for e in entries:
-        ok = e["status"] == "ok"
+        ok = e["status"] == "ok" and e.get("fwdbwd") is not None
         tps = f"{e['tokens_per_s']:.0f}" if ok else DASH
         sps = f"{1e3 / e['fwdbwd']['median_ms']:.2f}" if ok else DASH
-        rows.append(f"| {e['task']} | {e['backend']} | {e.get('batch', '?')} x {e['n']} | {_cell(e, 'fwdbwd')} | "
-                    f"{tps} | {sps} | {_cell(e, 'mem_fwdbwd_mb')} |")
+        impl = (" ours |" if e["impl"] == "ours" else " package |") if packages else ""
+        rows.append(f"| {e['task']} | {e['backend']} |{impl} {e.get('batch', '?')} x {e['n']} | "
+                    f"{_cell(e, 'fwdbwd')} | {tps} | {sps} | {_cell(e, 'mem_fwdbwd_mb')} |")
     return "\n".join(rows)
+
+
+def model_ratio_table(record: dict) -> str:
+    """Whole classifiers, ours / the same model with the public package's attention: training-step time
+    and peak memory, per task and backend ('' when the record has no such pair)."""
+    rows = ["| task | backend | step time ours/package | peak memory ours/package |", "|---|---|---:|---:|"]
+    for e in _entries(record, "model"):
+        if e["impl"] != "ours":
+            continue
+        ref = next((r for r in _entries(record, "model")
+                    if r["impl"] == "reference" and r["backend"] == e["backend"] and r["task"] == e["task"]), None)
+        if ref is not None:
+            rows.append(f"| {e['task']} | {e['backend']} | {_ratio(e, ref, 'fwdbwd')} | "
+                        f"{_ratio(e, ref, 'mem_fwdbwd_mb')} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def data_table(record: dict) -> str:

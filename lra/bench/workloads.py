@@ -29,6 +29,7 @@ class Workload:
     tokens: int  # tokens per call (batch x length, both documents for Retrieval)
     batch: int
     n: int  # sequence length
+    module: nn.Module | None = None  # what is timed (for inspection; the bench never reads it)
 
 
 def _hydra_value(v: Any) -> str:
@@ -48,7 +49,8 @@ def build_reference(kind: str, n: int, dim: int, heads: int, head_dim: int, opti
         if kind == "linformer":
             from linformer import LinformerSelfAttention
 
-            return LinformerSelfAttention(dim=dim, seq_len=n, k=options["proj_dim"], heads=heads, dim_head=head_dim)
+            return LinformerSelfAttention(dim=dim, seq_len=n, k=options["proj_dim"], heads=heads, dim_head=head_dim,
+                                          share_kv=bool(options.get("share_kv", False)))
         if kind == "performer":
             from performer_pytorch import SelfAttention
 
@@ -59,6 +61,46 @@ def build_reference(kind: str, n: int, dim: int, heads: int, head_dim: int, opti
         pkg, ver = REFERENCE_PACKAGES[kind]
         raise ImportError(f"{pkg}=={ver} is needed for --with-reference ({err}); run `make install-bench`") from err
     raise ValueError(f"no reference implementation for '{kind}'; valid: {', '.join(REFERENCE_PACKAGES)}")
+
+
+def reference_options(kind: str, attention: dict) -> dict:
+    """Our composed attention options (`cfg.attention`) as the public package's settings, for the model
+    comparison: what the package has an argument for, the rest as the package does it."""
+    if kind == "nystrom":
+        return {k: attention[k] for k in ("num_landmarks", "pinv_iterations", "conv_kernel")}
+    if kind == "linformer":  # one E for keys and values when ours shares them (the package: per layer)
+        return {"proj_dim": attention["proj_dim"], "share_kv": attention["sharing"] in ("kv", "layerwise")}
+    if kind == "performer":
+        return {"num_features": attention["num_features"], "kernel": attention["kernel"]}
+    raise ValueError(f"no reference implementation for '{kind}'; valid: {', '.join(REFERENCE_PACKAGES)}")
+
+
+def model_reference_options(spec: dict, backend: str) -> dict:
+    """The package settings the model comparison runs `backend`'s reference with (from the composed
+    preset of spec's task, as `model_workload` composes it)."""
+    from omegaconf import OmegaConf
+
+    from lra.config import compose
+
+    overrides = [f"task={spec['task']}", f"attention={backend}"]
+    if spec.get("preset"):
+        overrides.append(f"experiment={spec['preset']}/{spec['task']}")
+    return reference_options(backend, OmegaConf.to_container(compose(overrides).attention, resolve=True))
+
+
+class PackageAttention(nn.Module):
+    """A public package's self-attention (its own q/k/v and output projections) in the place of our
+    multi-head wrapper: (B, L, dim) + mask (B, L), True = real token -> (B, L, dim), then the wrapper's
+    output dropout. The Linformer package takes no mask (it attends over padding, as it always does)."""
+
+    def __init__(self, kind: str, module: nn.Module, out_dropout: nn.Module) -> None:
+        super().__init__()
+        self.kind, self.module, self.drop = kind, module, out_dropout
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "linformer" or key_padding_mask is None:
+            return self.drop(self.module(x))
+        return self.drop(self.module(x, mask=key_padding_mask))
 
 
 def layer_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
@@ -119,13 +161,23 @@ def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
         overrides.append(f"experiment={spec['preset']}/{spec['task']}")
     if spec.get("model_length"):  # a smaller model for quick checks; the protocol size otherwise
         overrides.append(f"task.max_len={spec['model_length']}")
-    overrides += [f"attention.{k}={_hydra_value(v)}" for k, v in impl["options"].items()]
+    if impl.get("impl", "ours") == "ours":  # a reference's options are the package's (see reference_options)
+        overrides += [f"attention.{k}={_hydra_value(v)}" for k, v in impl["options"].items()]
     cfg = compose(overrides)
     reader = get_class(cfg.task.reader._target_)  # class attributes only: no data is read
     vocab_size, num_classes = reader.vocab_size, int(cfg.task.num_classes)
     n = int(cfg.task.max_len)
     batch = int(spec.get("model_batch") or cfg.data.batch_size)
     net = build_net(cfg, vocab_size, num_classes)  # every model argument from the config, as lra-train builds it
+    if impl.get("impl") == "reference":  # the same model with the public package's attention in every layer
+        from omegaconf import OmegaConf
+
+        kind = impl["backend"]
+        options = impl["options"] or reference_options(kind, OmegaConf.to_container(cfg.attention, resolve=True))
+        for block in net.encoder.blocks:
+            mha = block.attn
+            block.attn = PackageAttention(kind, build_reference(kind, n + int(net.encoder.cfg.cls), int(cfg.model.dim),
+                                                                mha.num_heads, mha.head_dim, options), mha.drop)
     net = net.to(device=device, dtype=DTYPES[spec["dtype"]]).train()
     opt = instantiate(cfg.optimizer)(net.parameters())
     if spec.get("compile"):  # as lra-train compile=true: in place; the warm-up steps pay the compilation
@@ -149,4 +201,4 @@ def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Workload(forward, train_step, batch * n * docs, batch, n)
+    return Workload(forward, train_step, batch * n * docs, batch, n, net)
