@@ -49,14 +49,17 @@ class _WordDropout(torch.autograd.Function):
         scale = 1.0 / (1.0 - quantized_p(p))
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        # where(keep, x, 0), not x.mul(keep): multiplying by a bool tensor first converts the whole mask to
-        # x's dtype (one more full-size pass and allocation); same values on finite inputs
-        return torch.where(keep, x, 0.0).mul_(scale)
+        # x times the mask viewed as uint8: torch converts it to x's dtype (one more pass and a temporary),
+        # and is still faster than where(keep, x, 0), whose CPU kernel is not vectorised (dropout fwd+bwd
+        # at 32 x 2,048 x 128, one thread: 19.4 vs 29.5 ms; the preset's Linformer step 0.95x with the
+        # allocator setting, unchanged with glibc's defaults, whose fresh temporaries are faulted in).
+        # A dropped NaN or inf stays NaN, as in torch's own dropout (input times a float mask).
+        return x.mul(keep.view(torch.uint8)).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
+        return grad.mul(keep.view(torch.uint8)).mul_(ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

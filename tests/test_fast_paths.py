@@ -48,6 +48,20 @@ def test_dropout_backward_uses_forward_mask_and_eval_is_identity():
         Dropout(1.0)
 
 
+def test_dropout_keeps_non_finite_values_as_torch_dropout_does():
+    """Kept values are x / (1 - p) exactly; a dropped inf or NaN gives NaN (input times a mask, as torch's
+    own dropout), never a silent 0 that would hide a diverged activation."""
+    x = torch.tensor([float("inf"), float("nan"), 2.0]).repeat(400)
+    torch.manual_seed(0)
+    y = dropout(x, 0.5, True)
+    torch.manual_seed(0)
+    keep = (random_words(x.numel()) >= keep_threshold(0.5))
+    scale = 1 / (1 - quantized_p(0.5))
+    assert 0 < int(keep.sum()) < x.numel()
+    assert torch.equal(y[keep & (x == 2.0)], torch.full_like(y[keep & (x == 2.0)], 2.0 * scale))
+    assert torch.isnan(y[~keep & ~torch.isfinite(x)]).all() and torch.equal(y[~keep & (x == 2.0)], torch.zeros_like(y[~keep & (x == 2.0)]))
+
+
 def _plain(q, k, v, mask, p, seed):
     """softmax attention with dropout on the probabilities, drawing the same words: all at once, in
     (B, H, queries, keys) order."""
