@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention._nystrom_kernels import depthwise_seq_conv, pinv_iterations
 from models.attention.base import AttentionBackend, AttentionConfigError
+
+__all__ = ["NystromAttention", "depthwise_seq_conv", "iterative_pinv", "nystrom_attention"]  # depthwise_seq_conv: re-exported
 
 
 @functools.lru_cache(maxsize=32)
@@ -56,13 +59,7 @@ def iterative_pinv(a: torch.Tensor, iterations: int, init: str = "per_example") 
         raise AttentionConfigError(f"nystrom: pinv_init must be one of {', '.join(PINV_INITS)}, got '{init}'")
     a3 = a.reshape(-1, m, m)  # (N, m, m)
     z = a3.transpose(1, 2) / scale.reshape(-1, 1, 1)
-    eye = _identity(m, a.dtype, a.device)
-    for _ in range(iterations):
-        az = torch.bmm(a3, z)
-        t = torch.add(-az, eye, alpha=7.0)  # 7I - AZ
-        t = torch.baddbmm(eye, az, t, beta=15.0, alpha=-1.0)  # 15I - AZ(7I - AZ)
-        t = torch.baddbmm(eye, az, t, beta=13.0, alpha=-1.0)  # 13I - AZ(...)
-        z = torch.baddbmm(eye, z, t, beta=0.0, alpha=0.25)  # Z/4 (...)
+    z = pinv_iterations(a3, z, _identity(m, a.dtype, a.device), iterations)  # (N, m, m)
     return z.reshape(*batch, m, m)
 
 
@@ -190,94 +187,6 @@ def nystrom_attention(
 
     # softmax(Q K̃ᵀ/√d) W: every query over the non-empty landmarks
     return F.scaled_dot_product_attention(q, k_land, w.to(v.dtype), attn_mask=land_attn_mask).to(q.dtype)
-
-
-def _band(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """(H, K) filters -> (H, block, block + K - 1) band matrices: row p holds the filter at columns p..p+K-1."""
-    H, K = weight.shape
-    idx = (torch.arange(block, device=weight.device)[:, None] + torch.arange(K, device=weight.device)).expand(H, block, K)
-    return weight.new_zeros(H, block, block + K - 1).scatter_(2, idx, weight[:, None, :].expand(H, block, K))
-
-
-def _padded_rows(x: torch.Tensor, kernel: int, block: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """x (B, H, L, Dh) -> (H, R, B, Dh), R = ceil(L/block)·block + kernel - 1: x's rows at kernel//2..,
-    zero rows around them and at padded tokens (mask (B, L), True = real)."""
-    B, H, L, D = x.shape
-    c = kernel // 2
-    buf = x.new_empty(H, -(-L // block) * block + kernel - 1, B, D)
-    buf[:, :c].zero_()
-    buf[:, c + L:].zero_()
-    rows = buf[:, c:c + L]  # (H, L, B, Dh)
-    rows.copy_(x.permute(1, 2, 0, 3))
-    if mask is not None:
-        rows.masked_fill_(~mask.t()[None, :, :, None], 0.0)
-    return buf
-
-
-def _windows(buf: torch.Tensor, width: int, block: int, offset: int = 0) -> torch.Tensor:
-    """Overlapping views (H, nb, width, B*Dh) of buf (H, R, B, Dh): window i starts at row offset + i*block."""
-    H, R, B, D = buf.shape
-    nb = (R - offset - width) // block + 1
-    return buf.as_strided((H, nb, width, B * D), (R * B * D, block * B * D, B * D, 1), buf.storage_offset() + offset * B * D)
-
-
-def _band_matmul(buf: torch.Tensor, band: torch.Tensor, block: int) -> torch.Tensor:
-    """Every window of buf (H, R, B, Dh) times its head's band (H, block, width) -> (H, nb*block, B, Dh)."""
-    H, R, B, D = buf.shape
-    win = _windows(buf, band.shape[-1], block)  # (H, nb, width, B*Dh), a view
-    nb = win.shape[1]
-    out = buf.new_empty(H, nb, block, B * D)
-    for h in range(H):  # the band is shared by the head's windows (stride 0), not copied
-        torch.bmm(band[h].expand(nb, -1, -1), win[h], out=out[h])
-    return out.view(H, nb * block, B, D)
-
-
-class _DepthwiseSeqConv(torch.autograd.Function):
-    """Same-padded depthwise convolution along L, one filter per head; see depthwise_seq_conv."""
-
-    @staticmethod
-    def forward(ctx, v: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,  # type: ignore[override]
-                block: int) -> torch.Tensor:
-        L, K = v.shape[2], weight.shape[-1]
-        buf = _padded_rows(v, K, block, mask)  # (H, R, B, Dh)
-        out = _band_matmul(buf, _band(weight, block), block)  # (H, nb*block, B, Dh)
-        ctx.save_for_backward(buf, weight, mask)
-        ctx.block, ctx.length = block, L
-        return out[:, :L].permute(2, 0, 1, 3)  # (B, H, L, Dh)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        buf, weight, mask = ctx.saved_tensors
-        block, L, K = ctx.block, ctx.length, weight.shape[-1]
-        gbuf = _padded_rows(grad, K, block, None)  # (H, R, B, Dh)
-        grad_v = grad_w = None
-        if ctx.needs_input_grad[0]:  # the transposed convolution: the same one with the filters reversed
-            grad_v = _band_matmul(gbuf, _band(weight.flip(-1), block), block)[:, :L]  # (H, L, B, Dh)
-            if mask is not None:
-                grad_v.masked_fill_(~mask.t()[None, :, :, None], 0.0)
-            grad_v = grad_v.permute(2, 0, 1, 3)  # (B, H, L, Dh)
-        if ctx.needs_input_grad[1]:  # d band = sum over windows of grad block x window^T; filter tap t = diagonal t
-            width = block + K - 1
-            win = _windows(buf, width, block)  # (H, nb, width, B*Dh)
-            g = _windows(gbuf, block, block, K // 2)[:, : win.shape[1]]  # (H, nb, block, B*Dh): grad rows
-            gband = torch.stack([torch.bmm(g[h], win[h].transpose(1, 2)).sum(0) for h in range(buf.shape[0])])
-            idx = (torch.arange(block, device=buf.device)[:, None] + torch.arange(K, device=buf.device))
-            grad_w = gband.gather(2, idx.expand(buf.shape[0], block, K)).sum(1)  # (H, K)
-        return grad_v, grad_w, None, None
-
-
-def depthwise_seq_conv(v: torch.Tensor, weight: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                       block: int = 16) -> torch.Tensor:
-    """Same-padded convolution of v (B, H, L, Dh) along L with one odd-length filter per head,
-    weight (H, K), shared by the head's Dh channels (a depthwise Conv2d with a (K, 1) kernel); padded
-    tokens (key_padding_mask (B, L) False) count as zeros. Returns (B, H, L, Dh), a permuted view.
-
-    Computed as banded block-Toeplitz matrix products: V is copied once into a (H, L + K - 1, B, Dh)
-    buffer with zero rows around it; each block of `block` output rows is a (block, block + K - 1)
-    band matrix times an overlapping window of that buffer, a strided view (no window is copied), so one
-    batched GEMM per head does the whole convolution, and backward is the same with the filters
-    reversed plus one batched GEMM for the filter gradient."""
-    return _DepthwiseSeqConv.apply(v, weight, key_padding_mask, block)
 
 
 class NystromAttention(AttentionBackend):
