@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.attention import _nystrom_kernels as kern
-from models.attention.nystrom import NystromAttention
+from models.attention.nystrom import NystromAttention, depthwise_seq_conv
 
 B, H, DH = 2, 2, 3
 
@@ -22,6 +22,31 @@ def blhd(L: int, dtype=torch.float64) -> torch.Tensor:
 
 def lengths_mask(L: int, lengths: tuple[int, ...]) -> torch.Tensor:
     return torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]  # (B, L), True = real
+
+
+def blhd_strides(t: torch.Tensor) -> bool:
+    """Whether t (B, H, L, Dh) is laid out (B, L, H, Dh) in memory."""
+    Bt, Ht, L, D = t.shape
+    return t.stride() == (L * Ht * D, D, Ht * D, 1)
+
+
+@pytest.mark.parametrize("L,kernel,block", [(21, 5, 4), (16, 3, 16), (9, 9, 4), (40, 21, 8)])
+def test_conv_skip_add_is_the_sum_and_keeps_the_layouts(L, kernel, block):
+    """x + conv(v) written by the convolution: equal to the separate sum, in x's layout; V's gradient in
+    (B, L, H, Dh) memory and zero at padded tokens; gradcheck for x, v and the filters."""
+    x, v = blhd(L), blhd(L)
+    w = torch.randn(H, kernel, dtype=torch.float64, requires_grad=True)
+    for mask in (None, lengths_mask(L, (L, L // 2))):
+        out = kern.conv_skip_add(x, v, w, mask, block)
+        torch.testing.assert_close(out, x + depthwise_seq_conv(v, w, mask, block))
+        assert out.stride() == x.stride() and blhd_strides(depthwise_seq_conv(v, w, mask, block))
+        gx, gv, gw = torch.autograd.grad(out, (x, v, w), torch.randn_like(out))
+        assert blhd_strides(gv)
+        if mask is not None:
+            assert (gv.transpose(1, 2)[~mask] == 0).all()  # padded tokens of V get no gradient
+        assert torch.autograd.gradcheck(lambda x, v, w, m=mask: kern.conv_skip_add(x, v, w, m, block), (x, v, w))
+    contiguous = v.detach().contiguous().requires_grad_()  # any input layout gives the same values
+    torch.testing.assert_close(depthwise_seq_conv(contiguous, w, None, block), depthwise_seq_conv(v, w, None, block))
 
 
 def plain_iteration(a, z, eye, iterations):
@@ -54,8 +79,9 @@ OPTIONS = [{}, {"segments": "real"}, {"pad_in_landmarks": True}, {"pinv_init": "
 
 @pytest.mark.parametrize("L,m,opts", list(itertools.product((13, 24), (4, 5), OPTIONS)))
 def test_layer_equals_its_plain_ops_path(monkeypatch, L, m, opts):
-    """The eager layer (hand-written functions) and the plain-ops path torch.compile traces: the same
-    outputs and gradients, masked and not; padded positions never change real positions' outputs."""
+    """The eager layer and the plain-ops path torch.compile traces (the pseudo-inverse's; the conv skip
+    runs as it is): the same outputs and gradients, masked and not; padded positions never change real
+    positions' outputs."""
     torch.manual_seed(L * m)
     attn = NystromAttention(H, DH, num_landmarks=m, conv_kernel=opts.pop("conv_kernel", 3), **opts).double()
     q, k, v = blhd(L), blhd(L), blhd(L)

@@ -3,7 +3,9 @@
 Each computes the same function as the plain ops it replaces (outputs and gradients equal to fp32
 rounding):
   * the depthwise convolution skip on V (banded block-Toeplitz GEMMs over window views of one padded
-    copy);
+    copy), summed with the attention output as it is written; it works in the (B, L, H, Dh) memory
+    order of the multi-head wrapper's views and of the fused attention kernels' outputs and gradients,
+    so no full-size transposing copy is made and autograd sums V's gradients in place;
   * the pseudo-inverse iteration, with a backward of eight batched GEMMs per iteration instead of
     autograd's graph of the iteration.
 """
@@ -19,99 +21,121 @@ def _band(weight: torch.Tensor, block: int) -> torch.Tensor:
     return weight.new_zeros(H, block, block + K - 1).scatter_(2, idx, weight[:, None, :].expand(H, block, K))
 
 
-def _padded_rows(x: torch.Tensor, kernel: int, block: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """x (B, H, L, Dh) -> (H, R, B, Dh), R = ceil(L/block)·block + kernel - 1: x's rows at kernel//2..,
-    zero rows around them and at padded tokens (mask (B, L), True = real)."""
+def _seq_buffer(x: torch.Tensor, kernel: int, block: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, H, L, Dh) -> (B, R, H, Dh), R = ceil(L/block)·block + kernel - 1: x's rows at kernel//2..,
+    zero rows around them and at padded tokens (mask (B, L), True = real). For x laid out (B, L, H, Dh)
+    (the multi-head wrapper's views, the attention output) the copy keeps the memory order."""
     B, H, L, D = x.shape
     c = kernel // 2
-    buf = x.new_empty(H, -(-L // block) * block + kernel - 1, B, D)
+    buf = x.new_empty(B, -(-L // block) * block + kernel - 1, H, D)
     buf[:, :c].zero_()
     buf[:, c + L:].zero_()
-    rows = buf[:, c:c + L]  # (H, L, B, Dh)
-    rows.copy_(x.permute(1, 2, 0, 3))
-    if mask is not None:
-        rows.masked_fill_(~mask.t()[None, :, :, None], 0.0)
+    rows = buf[:, c:c + L]  # (B, L, H, Dh)
+    if mask is None:
+        rows.copy_(x.transpose(1, 2))
+    else:  # copy and zero padded tokens in one pass
+        torch.where(mask[:, :, None, None], x.transpose(1, 2), x.new_zeros(()), out=rows)
     return buf
 
 
-def _windows(buf: torch.Tensor, width: int, block: int, offset: int = 0) -> torch.Tensor:
-    """Overlapping views (H, nb, width, B*Dh) of buf (H, R, B, Dh): window i starts at row offset + i*block."""
-    H, R, B, D = buf.shape
+def _seq_windows(buf: torch.Tensor, b: int, h: int, width: int, block: int, offset: int = 0) -> torch.Tensor:
+    """Overlapping views (nb, width, Dh) of example b, head h of buf (B, R, H, Dh): window i starts at row
+    offset + i*block."""
+    B, R, H, D = buf.shape
     nb = (R - offset - width) // block + 1
-    return buf.as_strided((H, nb, width, B * D), (R * B * D, block * B * D, B * D, 1), buf.storage_offset() + offset * B * D)
+    return buf.as_strided((nb, width, D), (block * H * D, H * D, 1), buf.storage_offset() + ((b * R + offset) * H + h) * D)
 
 
-def _band_matmul(buf: torch.Tensor, band: torch.Tensor, block: int) -> torch.Tensor:
-    """Every window of buf (H, R, B, Dh) times its head's band (H, block, width) -> (H, nb*block, B, Dh)."""
-    H, R, B, D = buf.shape
-    win = _windows(buf, band.shape[-1], block)  # (H, nb, width, B*Dh), a view
-    nb = win.shape[1]
-    out = buf.new_empty(H, nb, block, B * D)
-    for h in range(H):  # the band is shared by the head's windows (stride 0), not copied
-        torch.bmm(band[h].expand(nb, -1, -1), win[h], out=out[h])
-    return out.view(H, nb * block, B, D)
+def _conv_rows(buf: torch.Tensor, band: torch.Tensor, block: int, L: int, dst: torch.Tensor,
+               add: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
+    """dst (B, H, L, Dh) = every window of buf (B, R, H, Dh) times its head's band (H, block, width)
+    [+ add (B, H, L, Dh)] [zero at padded tokens, mask (B, L) True = real]: one batched GEMM per example
+    and head into a small buffer reused across examples, then one pass per example into dst's own
+    layout (no full-size transposing copy)."""
+    B, R, H, D = buf.shape
+    width = band.shape[-1]
+    nb = (R - width) // block + 1
+    tmp = buf.new_empty(H, nb, block, D)
+    rows = tmp.view(H, nb * block, D)[:, :L]  # (H, L, Dh)
+    zero = buf.new_zeros(())
+    for b in range(B):
+        for h in range(H):  # the band is shared by the windows (stride 0), not copied
+            torch.bmm(band[h].expand(nb, -1, -1), _seq_windows(buf, b, h, width, block), out=tmp[h])
+        if add is not None:
+            torch.add(add[b], rows, out=dst[b])
+        elif mask is not None:
+            torch.where(mask[b, None, :, None], rows, zero, out=dst[b])
+        else:
+            dst[b].copy_(rows)
 
 
-def _conv_forward(v: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,
-                  block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(padded copy of v (H, R, B, Dh), convolution (H, L, B, Dh), a view)."""
-    buf = _padded_rows(v, weight.shape[-1], block, mask)
-    return buf, _band_matmul(buf, _band(weight, block), block)[:, : v.shape[2]]
-
-
-def _conv_backward(grad: torch.Tensor, buf: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,
-                   block: int, need_v: bool, need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the convolution: V's (B, H, L, Dh) (a permuted view, zero at padded tokens) and the
-    filters' (H, K), from grad (B, H, L, Dh) and the forward's padded copy buf (H, R, B, Dh)."""
-    B, H, L, D = grad.shape
-    K = weight.shape[-1]
-    gbuf = _padded_rows(grad, K, block, None)  # (H, R, B, Dh)
-    grad_v = grad_w = None
-    if need_v:  # the transposed convolution: the same one with the filters reversed
-        grad_v = _band_matmul(gbuf, _band(weight.flip(-1), block), block)[:, :L]  # (H, L, B, Dh)
-        if mask is not None:
-            grad_v.masked_fill_(~mask.t()[None, :, :, None], 0.0)
-        grad_v = grad_v.permute(2, 0, 1, 3)  # (B, H, L, Dh)
-    if need_w:  # d band = sum over windows of grad block x window^T; filter tap t = diagonal t
-        width = block + K - 1
-        win = _windows(buf, width, block)  # (H, nb, width, B*Dh)
-        g = _windows(gbuf, block, block, K // 2)[:, : win.shape[1]]  # (H, nb, block, B*Dh): grad rows
-        gband = torch.stack([torch.bmm(g[h], win[h].transpose(1, 2)).sum(0) for h in range(H)])
-        idx = (torch.arange(block, device=buf.device)[:, None] + torch.arange(K, device=buf.device))
-        grad_w = gband.gather(2, idx.expand(H, block, K)).sum(1)  # (H, K)
-    return grad_v, grad_w
+def _blhd_empty(like: torch.Tensor, B: int, H: int, L: int, D: int) -> torch.Tensor:
+    """An uninitialised (B, H, L, Dh) tensor laid out (B, L, H, Dh) in memory, the layout of the fused
+    attention kernels' outputs and gradients; not a view, so autograd may sum into it in place."""
+    return like.new_empty_strided((B, H, L, D), (L * H * D, D, H * D, 1))
 
 
 class _DepthwiseSeqConv(torch.autograd.Function):
-    """Same-padded depthwise convolution along L, one filter per head; see depthwise_seq_conv."""
+    """[x +] same-padded depthwise convolution of v along L, one filter per head; see depthwise_seq_conv."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,  # type: ignore[override]
-                block: int) -> torch.Tensor:
-        buf, out = _conv_forward(v, weight, mask, block)  # (H, L, B, Dh)
+    def forward(ctx, x: torch.Tensor | None, v: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                mask: torch.Tensor | None, block: int) -> torch.Tensor:
+        B, H, L, D = v.shape
+        buf = _seq_buffer(v, weight.shape[-1], block, mask)  # (B, R, H, Dh)
+        out = _blhd_empty(v, B, H, L, D) if x is None else torch.empty_like(x)
+        _conv_rows(buf, _band(weight, block), block, L, out, x)
         ctx.save_for_backward(buf, weight, mask)
         ctx.block = block
-        return out.permute(2, 0, 1, 3)  # (B, H, L, Dh)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         buf, weight, mask = ctx.saved_tensors
-        grad_v, grad_w = _conv_backward(grad, buf, weight, mask, ctx.block, *ctx.needs_input_grad[:2])
-        return grad_v, grad_w, None, None
+        block, K = ctx.block, weight.shape[-1]
+        B, H, L, D = grad.shape
+        gbuf = _seq_buffer(grad, K, block, None)  # (B, R, H, Dh)
+        grad_v = grad_w = None
+        if ctx.needs_input_grad[1]:  # the transposed convolution: the same one with the filters reversed
+            grad_v = _blhd_empty(grad, B, H, L, D)
+            _conv_rows(gbuf, _band(weight.flip(-1), block), block, L, grad_v, mask=mask)  # zero at padding
+        if ctx.needs_input_grad[2]:  # d band = sum over windows of grad block x window^T; filter tap t = diagonal t
+            width = block + K - 1
+            nb = (buf.shape[1] - width) // block + 1
+            gband = buf.new_zeros(H, block, width)
+            tmp = buf.new_empty(nb, block, width)
+            for b in range(B):
+                for h in range(H):
+                    g = _seq_windows(gbuf, b, h, block, block, K // 2)[:nb]  # (nb, block, Dh): grad rows
+                    torch.bmm(g, _seq_windows(buf, b, h, width, block).transpose(1, 2), out=tmp)
+                    gband[h] += tmp.sum(0)
+            idx = (torch.arange(block, device=buf.device)[:, None] + torch.arange(K, device=buf.device))
+            grad_w = gband.gather(2, idx.expand(H, block, K)).sum(1)  # (H, K)
+        return grad if ctx.needs_input_grad[0] else None, grad_v, grad_w, None, None
 
 
 def depthwise_seq_conv(v: torch.Tensor, weight: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                        block: int = 16) -> torch.Tensor:
     """Same-padded convolution of v (B, H, L, Dh) along L with one odd-length filter per head,
     weight (H, K), shared by the head's Dh channels (a depthwise Conv2d with a (K, 1) kernel); padded
-    tokens (key_padding_mask (B, L) False) count as zeros. Returns (B, H, L, Dh), a permuted view.
+    tokens (key_padding_mask (B, L) False) count as zeros. Returns (B, H, L, Dh) in (B, L, H, Dh) memory.
 
-    Computed as banded block-Toeplitz matrix products: V is copied once into a (H, L + K - 1, B, Dh)
-    buffer with zero rows around it; each block of `block` output rows is a (block, block + K - 1)
-    band matrix times an overlapping window of that buffer, a strided view (no window is copied), so one
-    batched GEMM per head does the whole convolution, and backward is the same with the filters
-    reversed plus one batched GEMM for the filter gradient."""
-    return _DepthwiseSeqConv.apply(v, weight, key_padding_mask, block)
+    Computed as banded block-Toeplitz matrix products: V is copied once into a (B, L + K - 1, H, Dh)
+    buffer with zero rows around it (its own memory order when V is laid out (B, L, H, Dh)); each block
+    of `block` output rows is a (block, block + K - 1) band matrix times an overlapping window of that
+    buffer, a strided view (no window is copied), so one batched GEMM per example and head does the
+    convolution, and backward is the same with the filters reversed plus one batched GEMM per example
+    and head for the filter gradient. V's gradient comes back in (B, L, H, Dh) memory. torch.compile
+    runs it as it is (a graph break, as before this layout; conv2d, which it would trace, is an order of
+    magnitude slower on a CPU)."""
+    return _DepthwiseSeqConv.apply(None, v, weight, key_padding_mask, block)
+
+
+def conv_skip_add(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                  key_padding_mask: torch.Tensor | None = None, block: int = 16) -> torch.Tensor:
+    """x + depthwise_seq_conv(v, weight, key_padding_mask, block), x (B, H, L, Dh): the sum is written
+    once, in x's layout, by the convolution itself; x's gradient passes through."""
+    return _DepthwiseSeqConv.apply(x, v, weight, key_padding_mask, block)
 
 
 class _PinvIterations(torch.autograd.Function):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention._nystrom_kernels import depthwise_seq_conv, pinv_iterations
+from models.attention._nystrom_kernels import conv_skip_add, depthwise_seq_conv, pinv_iterations
 from models.attention.base import AttentionBackend, AttentionConfigError
 
 __all__ = ["NystromAttention", "depthwise_seq_conv", "iterative_pinv", "nystrom_attention"]  # depthwise_seq_conv: re-exported
@@ -263,7 +263,7 @@ class NystromAttention(AttentionBackend):
         out = nystrom_attention(q, k, v, self.num_landmarks, self.pinv_iterations, key_padding_mask,
                                 self.segments, self.pinv_init, self.pad_in_landmarks)
         if self.conv_weight is not None:  # padded rows of V count as zeros
-            out = out + depthwise_seq_conv(v, self.conv_weight.to(v.dtype), key_padding_mask)  # (B, H, L, Dh)
+            out = conv_skip_add(out, v, self.conv_weight.to(v.dtype), key_padding_mask)  # (B, H, L, Dh)
         return out
 
     def train(self, mode: bool = True) -> NystromAttention:
