@@ -44,6 +44,30 @@ def test_layer_and_model_bench_write_record_table_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ours | nystrom | 64 |" in out and "| listops | nystrom | 2 x 64 |" in out
     assert "N/A" in out  # the targets need 2 threads and n up to 16384: not decidable from this run
+    for e in [*layers, model]:  # the matmul floor: the step's products, the worker's own rate
+        assert e["step_gflop"] > 0 and e["matmul_gflops"] > 0
+        assert report.floor_ratio(e) == e["fwdbwd"]["median_ms"] / (1e3 * e["step_gflop"] / e["matmul_gflops"])
+        assert f"{e['step_gflop']:.3g} / {report.floor_ratio(e):.2f}×" in out
+
+
+def test_step_flops_count_every_matrix_product_once():
+    """2·m·k·n per product: a linear layer's forward and both gradients, an in-place addmm, and the fused
+    attention kernel (two products forward, four backward: its recomputed scores are not counted)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lra.bench.flops import matmul_gflops, step_flops
+
+    a, b = torch.randn(8, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    assert step_flops(lambda: (a @ b).sum().backward()) == 3 * 2 * 8 * 16 * 4
+    assert step_flops(lambda: torch.zeros(8, 4).addmm_(a.detach(), b.detach())) == 2 * 8 * 16 * 4
+    q = torch.randn(2, 3, 10, 8, requires_grad=True)
+    k, v = torch.randn(2, 3, 12, 8, requires_grad=True), torch.randn(2, 3, 12, 8, requires_grad=True)
+    one = 2 * 2 * 3 * 10 * 12 * 8  # one (B·H) x 10 x 8 x 12 product
+    assert step_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * one
+    assert step_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == 6 * one
+    assert step_flops(lambda: torch.randn(100, 100).exp().softmax(-1)) == 0  # elementwise work is not counted
+    assert matmul_gflops(torch.device("cpu"), n=256, repeats=3) > 0
 
 
 def test_out_of_memory_and_timeout_are_recorded_not_raised(tmp_path, capsys):
@@ -153,7 +177,18 @@ def test_targets_pass_fail_and_not_applicable():
     assert got["linformer: peak memory n=16384 / n=4096 <= 4.5"] == "FAIL"
     assert got["linformer: time at n=16384 / softmax's <= 0.15"] == "FAIL"
     assert got["performer: time at n=16384 / softmax's <= 0.15"] == "N/A"  # not measured
+    assert got["nystrom n=4096: fwd+bwd / matmul floor <= 2"] == "N/A"  # no FLOPs in these entries
     assert {t["status"] for t in report.targets(_record("layer", results, threads=4))} == {"N/A"}
+    results[1].update(step_gflop=1.0, matmul_gflops=200.0)  # floor 5 ms; 100 ms measured: 20x
+    model = {**_entry("nystrom", None, 400, 800), "workload": "model", "task": "listops", "step_gflop": 50.0,
+             "matmul_gflops": 200.0}  # floor 250 ms: 1.6x
+    record = _record("layer", [*results, model])
+    record["settings"].update(preset="nystromformer", compile=False, model_length=None, model_batch=None, model_options=[])
+    got = {t["target"]: (t["status"], t["value"]) for t in report.targets(record)}
+    assert got["nystrom n=4096: fwd+bwd / matmul floor <= 2"] == ("FAIL", 20.0)
+    assert got["nystrom ListOps preset step / matmul floor <= 2"] == ("PASS", 1.6)
+    record["settings"]["model_length"] = 512  # not the protocol size: the step target is not decided
+    assert "nystrom ListOps preset step / matmul floor <= 2" not in {t["target"] for t in report.targets(record)}
     ref = [_entry("nystrom", 4096, 60, 10), _entry("nystrom", 4096, 100, 10, impl="reference"),
            _entry("performer", 8192, 80, 10), _entry("performer", 8192, 100, 10, impl="reference"),
            _entry("nystrom", 16384, 60, 10, status="oom")]

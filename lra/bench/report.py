@@ -33,12 +33,28 @@ def _find(record: dict, impl: str, backend: str, n: int, workload: str = "layer"
     return None
 
 
+def floor_ratio(entry: dict | None) -> float | None:
+    """fwd+bwd (training step) time over its matmul floor: step_gflop at the worker's measured
+    matmul_gflops (lra.bench.flops); None where either was not measured."""
+    t = _value(entry, "fwdbwd")
+    if t is None or not entry.get("step_gflop") or not entry.get("matmul_gflops"):
+        return None
+    return t / (1e3 * entry["step_gflop"] / entry["matmul_gflops"])
+
+
+def _floor_cell(entry: dict) -> str:
+    x = floor_ratio(entry)
+    return DASH if x is None else f"{entry['step_gflop']:.3g} / {x:.2f}×"
+
+
 def layer_table(record: dict) -> str:
-    """One row per (implementation, backend, n): fwd and fwd+bwd median ms (± half IQR), peak MB."""
-    rows = ["| impl | backend | n | fwd ms | fwd+bwd ms | fwd MB | fwd+bwd MB |", "|---|---|---:|---:|---:|---:|---:|"]
+    """One row per (implementation, backend, n): fwd and fwd+bwd median ms (± half IQR), peak MB, and the
+    step's matmul GFLOP with its time over the matmul floor."""
+    rows = ["| impl | backend | n | fwd ms | fwd+bwd ms | fwd MB | fwd+bwd MB | GFLOP / × floor |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for e in _entries(record):
         rows.append(f"| {e['impl']} | {e['backend']} | {e['n']} | {_cell(e, 'fwd')} | {_cell(e, 'fwdbwd')} | "
-                    f"{_cell(e, 'mem_fwd_mb')} | {_cell(e, 'mem_fwdbwd_mb')} |")
+                    f"{_cell(e, 'mem_fwd_mb')} | {_cell(e, 'mem_fwdbwd_mb')} | {_floor_cell(e)} |")
     return "\n".join(rows)
 
 
@@ -48,14 +64,14 @@ def model_table(record: dict) -> str:
         return ""
     packages = any(e["impl"] != "ours" for e in entries)  # a column saying whose attention, when both ran
     rows = ["| task | backend |" + (" attention |" if packages else "") + " batch x n | train step ms | tokens/s | "
-            "steps/s | fwd+bwd MB |", "|---|---|" + ("---|" if packages else "") + "---:|---:|---:|---:|---:|"]
+            "steps/s | fwd+bwd MB | GFLOP / × floor |", "|---|---|" + ("---|" if packages else "") + "---:|---:|---:|---:|---:|---:|"]
     for e in entries:
         ok = e["status"] == "ok" and e.get("fwdbwd") is not None
         tps = f"{e['tokens_per_s']:.0f}" if ok else DASH
         sps = f"{1e3 / e['fwdbwd']['median_ms']:.2f}" if ok else DASH
         impl = (" ours |" if e["impl"] == "ours" else " package |") if packages else ""
         rows.append(f"| {e['task']} | {e['backend']} |{impl} {e.get('batch', '?')} x {e['n']} | "
-                    f"{_cell(e, 'fwdbwd')} | {tps} | {sps} | {_cell(e, 'mem_fwdbwd_mb')} |")
+                    f"{_cell(e, 'fwdbwd')} | {tps} | {sps} | {_cell(e, 'mem_fwdbwd_mb')} | {_floor_cell(e)} |")
     return "\n".join(rows)
 
 
@@ -148,6 +164,17 @@ def targets(record: dict) -> list[dict]:
             value = t / ts if t is not None and ts else None
             add(f"{kind}: time at n=16384 / softmax's <= 0.15", None if mismatch else value, 0.15,
                 mismatch or ("" if value is not None else "not measured"))
+        value = floor_ratio(_find(record, "ours", "nystrom", 4096))
+        add("nystrom n=4096: fwd+bwd / matmul floor <= 2", None if mismatch else value, 2.0,
+            mismatch or ("" if value is not None else "not measured"))
+        step = next((e for e in _entries(record, "model") if e["backend"] == "nystrom" and e["task"] == "listops"
+                     and record["settings"].get("preset") == "nystromformer" and not record["settings"].get("compile")
+                     and not record["settings"].get("model_length") and not record["settings"].get("model_batch")
+                     and not record["settings"].get("model_options")), None)
+        if step is not None:
+            value = floor_ratio(step)
+            add("nystrom ListOps preset step / matmul floor <= 2", value, 2.0,
+                "" if value is not None else "not measured")
     return out
 
 

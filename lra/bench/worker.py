@@ -4,7 +4,9 @@ Memory first (nothing has run yet): baseline after imports, model and input crea
 of one forward (inference) and of one forward+backward, each minus that baseline. CPU: the process's
 peak resident set (VmHWM, reset through /proc/self/clear_refs; ru_maxrss where that is not possible);
 CUDA: torch.cuda.max_memory_allocated. Then timing: warm-up runs, then `repeats` timed runs; with
-several implementations they alternate run by run (order reversed every other round).
+several implementations they alternate run by run (order reversed every other round). Last, for layers
+and classifiers, the matmul floor (lra.bench.flops): the FLOPs of one more training step's matrix
+products, and the process's own matrix-multiply rate.
 A failed allocation is reported as status "oom"; any other error as "error".
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Callable
 import psutil
 import torch
 
+from lra.bench.flops import matmul_gflops, step_flops
 from lra.bench.workloads import Workload, layer_workload, model_workload
 
 MB = 2**20
@@ -136,6 +139,10 @@ def run(spec: dict) -> dict:
             for res, tf, ts in zip(results, fwd, step):
                 res["fwd"], res["fwdbwd"] = summarize(tf), summarize(ts)
                 res["tokens_per_s"] = loads[0].tokens / (res["fwdbwd"]["median_ms"] / 1e3)
+            if spec["workload"] != "data" and not spec.get("compile"):  # the matmul floor (lra.bench.flops): the step's products at the best rate
+                rate = matmul_gflops(device, loads[0].dtype or torch.float32)
+                for res, load in zip(results, loads):
+                    res["step_gflop"], res["matmul_gflops"] = step_flops(load.train_step) / 1e9, rate
         out["results"] = results
     except Exception as err:  # reported to the parent, which records it; never a crash of the sweep
         out["status"] = "oom" if is_oom(err) else "error"

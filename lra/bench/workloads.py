@@ -30,6 +30,7 @@ class Workload:
     batch: int
     n: int  # sequence length
     module: nn.Module | None = None  # what is timed (for inspection; the bench never reads it)
+    dtype: torch.dtype | None = None  # of the arithmetic (the matmul rate is measured in it)
 
 
 def _hydra_value(v: Any) -> str:
@@ -129,7 +130,7 @@ def layer_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
         call(x).float().square().mean().backward()
         net.zero_grad(set_to_none=True)
 
-    return Workload(forward, train_step, spec["batch"] * n, spec["batch"], n)
+    return Workload(forward, train_step, spec["batch"] * n, spec["batch"], n, net, dtype)
 
 
 def padded_batch(batch: int, n: int, vocab_size: int, fixed_length: bool,
@@ -201,4 +202,4 @@ def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Workload(forward, train_step, batch * n * docs, batch, n, net)
+    return Workload(forward, train_step, batch * n * docs, batch, n, net, DTYPES[spec["dtype"]])
