@@ -42,6 +42,24 @@ def random_words(n: int, device: torch.device | str = "cpu", out: torch.Tensor |
     return out[:draws].random_(-(2**63), None).view(torch.int16)[:n]
 
 
+CHUNK = 1 << 18  # elements per pass of _keep_and_scale: the converted mask and the product stay in cache
+
+
+def _keep_and_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * keep * scale, keep a bool tensor of x's shape, a chunk at a time: x times the mask's uint8 view,
+    then the scale, while the chunk is in cache. torch converts a uint8 operand to x's dtype first; a
+    chunk at a time that conversion needs no full-size temporary, and the multiply is vectorised (torch's
+    `where` is not: dropout forward + backward at 32 x 2,048 x 128 on one thread 16.1 ms chunked, 17.8
+    whole-tensor multiply with its temporary, 28.1 `where`). A dropped NaN or inf stays NaN, as in
+    torch's own dropout (input times a mask)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    flat_x, flat_keep, flat_out = x.view(-1), keep.reshape(-1).view(torch.uint8), out.view(-1)
+    for i in range(0, flat_x.numel(), CHUNK):
+        torch.mul(flat_x[i:i + CHUNK], flat_keep[i:i + CHUNK], out=flat_out[i:i + CHUNK]).mul_(scale)
+    return out
+
+
 class _WordDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
@@ -49,17 +67,12 @@ class _WordDropout(torch.autograd.Function):
         scale = 1.0 / (1.0 - quantized_p(p))
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        # x times the mask viewed as uint8: torch converts it to x's dtype (one more pass and a temporary),
-        # and is still faster than where(keep, x, 0), whose CPU kernel is not vectorised (dropout fwd+bwd
-        # at 32 x 2,048 x 128, one thread: 19.4 vs 29.5 ms; the preset's Linformer step 0.95x with the
-        # allocator setting, unchanged with glibc's defaults, whose fresh temporaries are faulted in).
-        # A dropped NaN or inf stays NaN, as in torch's own dropout (input times a float mask).
-        return x.mul(keep.view(torch.uint8)).mul_(scale)
+        return _keep_and_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep.view(torch.uint8)).mul_(ctx.scale), None
+        return _keep_and_scale(grad, keep, ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
