@@ -50,6 +50,24 @@ def test_layer_and_model_bench_write_record_table_and_plot(tmp_path, capsys):
         assert f"{e['step_gflop']:.3g} / {report.floor_ratio(e):.2f}×" in out
 
 
+def test_classifier_timed_in_several_processes_is_pooled(tmp_path, capsys):
+    """--model-processes N: each classifier configuration runs in N fresh processes; the entry pools
+    their runs (and keeps each process's median), memory and matmul rate are medians over processes."""
+    argv = ["--backends", "nystrom", "--lengths", "32", "--tasks", "listops", "--model-batch", "2",
+            "--model-length", "64", "--model-repeats", "2", "--model-processes", "2", "--out-dir", str(tmp_path), *TINY]
+    assert main(argv) == 0
+    record = _load(tmp_path, "cpu-nystrom")
+    (model,) = [e for e in record["results"] if e["workload"] == "model"]
+    (layer,) = [e for e in record["results"] if e["workload"] == "layer"]
+    assert model["status"] == "ok" and model["processes"] == 2 and "processes" not in layer
+    assert model["fwdbwd"]["runs"] == 4 and len(model["fwdbwd_process_medians_ms"]) == 2
+    assert len(model["mem_fwdbwd_mb_per_process"]) == 2 and len(model["matmul_gflops_per_process"]) == 2
+    assert model["tokens_per_s"] == model["tokens"] / (model["fwdbwd"]["median_ms"] / 1e3)
+    assert record["settings"]["model_processes"] == 2
+    with pytest.raises(SystemExit):
+        main([*argv[:-len(TINY)], "--model-processes", "0"])
+
+
 def test_step_flops_count_every_matrix_product_once():
     """2·m·k·n per product: a linear layer's forward and both gradients, an in-place addmm, and the fused
     attention kernel (two products forward, four backward: its recomputed scores are not counted)."""
