@@ -171,14 +171,11 @@ def model_workload(spec: dict, impl: dict, device: torch.device) -> Workload:
     batch = int(spec.get("model_batch") or cfg.data.batch_size)
     net = build_net(cfg, vocab_size, num_classes)  # every model argument from the config, as lra-train builds it
     if impl.get("impl") == "reference":  # the same model with the public package's attention in every layer
-        from omegaconf import OmegaConf
-
-        kind = impl["backend"]
-        options = impl["options"] or reference_options(kind, OmegaConf.to_container(cfg.attention, resolve=True))
+        kind = impl["backend"]  # impl["options"]: the package's settings, from model_reference_options
         for block in net.encoder.blocks:
             mha = block.attn
             block.attn = PackageAttention(kind, build_reference(kind, n + int(net.encoder.cfg.cls), int(cfg.model.dim),
-                                                                mha.num_heads, mha.head_dim, options), mha.drop)
+                                                                mha.num_heads, mha.head_dim, impl["options"]), mha.drop)
     net = net.to(device=device, dtype=DTYPES[spec["dtype"]]).train()
     opt = instantiate(cfg.optimizer)(net.parameters())
     if spec.get("compile"):  # as lra-train compile=true: in place; the warm-up steps pay the compilation

@@ -111,12 +111,13 @@ class LinformerAttention(AttentionBackend):
         projs = [self.proj_k[..., :L]] + ([] if self.proj_v is None else [self.proj_v[..., :L]])
         rows = torch.cat(projs) if len(projs) > 1 else projs[0]
         rows = rows.to(x.dtype).reshape(-1, L)  # (R, L): every row of E (and F)
-        real = None if key_padding_mask is None else key_padding_mask.to(x.dtype)  # (B, L)
-        if key_padding_mask is not None:  # padded rows of x carry nothing, whatever their value
+        if key_padding_mask is None:
+            ones = rows.sum(-1).expand(B, -1)  # (B, R): E 1
+        else:  # padded rows of x carry nothing, whatever their value; E 1 sums real columns only
             x = x.masked_fill(~key_padding_mask[:, :, None], 0.0)
+            ones = torch.matmul(key_padding_mask.to(x.dtype), rows.t())  # (B, R)
         lead = (B, len(projs), -1, self.proj_dim)  # rows per projection: H heads of k, or k shared by heads
         xp = torch.matmul(rows, x).view(*lead, dim)  # (R, L) @ (B, L, dim) -> (B, n, H or 1, k, dim)
-        ones = rows.sum(-1).expand(B, -1) if real is None else torch.matmul(real, rows.t())  # (B, R): E 1
         ones = ones.reshape(*lead, 1)  # (B, n, H or 1, k, 1)
         w = kv_weight.view(2, H, Dh, dim).transpose(-1, -2)  # (2, H, dim, Dh)
         b = kv_bias.view(2, H, 1, Dh)
