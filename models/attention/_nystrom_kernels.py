@@ -138,6 +138,16 @@ def conv_skip_add(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
     return _DepthwiseSeqConv.apply(x, v, weight, key_padding_mask, block)
 
 
+def _pinv_step(a: torch.Tensor, z: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One iteration Z' = Z/4 (13I - AZ(15I - AZ(7I - AZ))) on (N, m, m) batches: (Z', AZ, T1, T2, T3), the
+    intermediates being what the hand-written backward needs."""
+    az = torch.bmm(a, z)
+    t1 = torch.add(-az, eye, alpha=7.0)  # 7I - AZ
+    t2 = torch.baddbmm(eye, az, t1, beta=15.0, alpha=-1.0)  # 15I - AZ(7I - AZ)
+    t3 = torch.baddbmm(eye, az, t2, beta=13.0, alpha=-1.0)  # 13I - AZ(...)
+    return torch.baddbmm(eye, z, t3, beta=0.0, alpha=0.25), az, t1, t2, t3  # Z/4 (...)
+
+
 class _PinvIterations(torch.autograd.Function):
     """Z <- Z/4 (13 I - AZ (15 I - AZ (7 I - AZ))) from Z0, `iterations` times, on (N, m, m) batches;
     see pinv_iterations."""
@@ -147,12 +157,9 @@ class _PinvIterations(torch.autograd.Function):
                 iterations: int) -> torch.Tensor:
         saved = []
         for _ in range(iterations):
-            az = torch.bmm(a, z)
-            t1 = torch.add(-az, eye, alpha=7.0)  # 7I - AZ
-            t2 = torch.baddbmm(eye, az, t1, beta=15.0, alpha=-1.0)  # 15I - AZ(7I - AZ)
-            t3 = torch.baddbmm(eye, az, t2, beta=13.0, alpha=-1.0)  # 13I - AZ(...)
-            saved += [z, az, t1, t2, t3]
-            z = torch.baddbmm(eye, z, t3, beta=0.0, alpha=0.25)  # Z/4 (...)
+            z_next, *step = _pinv_step(a, z, eye)
+            saved += [z, *step]
+            z = z_next
         ctx.save_for_backward(a, *saved)
         ctx.iterations = iterations
         return z
@@ -184,9 +191,5 @@ def pinv_iterations(a: torch.Tensor, z0: torch.Tensor, eye: torch.Tensor, iterat
         return _PinvIterations.apply(a, z0, eye, iterations)
     z = z0
     for _ in range(iterations):
-        az = torch.bmm(a, z)
-        t = torch.add(-az, eye, alpha=7.0)
-        t = torch.baddbmm(eye, az, t, beta=15.0, alpha=-1.0)
-        t = torch.baddbmm(eye, az, t, beta=13.0, alpha=-1.0)
-        z = torch.baddbmm(eye, z, t, beta=0.0, alpha=0.25)
+        z = _pinv_step(a, z, eye)[0]
     return z
