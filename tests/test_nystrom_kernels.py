@@ -102,3 +102,38 @@ def test_layer_equals_its_plain_ops_path(monkeypatch, L, m, opts):
             out = attn(*noisy, mask)
             real = mask[:, None, :, None].expand_as(out)
             torch.testing.assert_close(out[real], eager.detach()[real])
+
+
+@pytest.mark.parametrize("L,m,pad_in_means", list(itertools.product((24, 26), (4, 6), (False, True))))
+def test_segment_means_are_the_means_of_real_tokens_in_either_layout(L, m, pad_in_means):
+    """Landmarks (the weighted-sum path when segments tile L, the masked-sum path otherwise) equal the
+    per-segment loop of their definition, values and gradients, for q/k laid out (B, L, H, Dh) as the
+    wrapper's views are and (B, H, L, Dh) contiguous, masked and not; gradients at padded tokens are zero
+    and (when segments tile L) keep the input's memory order."""
+    from models.attention.nystrom import segment_means
+
+    torch.manual_seed(L + m)
+    seg = -(-L // m)
+    for mask in (None, lengths_mask(L, (L, L - 9))):
+        real = torch.ones(B, L, dtype=torch.bool) if mask is None else mask
+        for x in (blhd(L), torch.randn(B, H, L, DH, dtype=torch.float64, requires_grad=True)):
+            got, got_mask = segment_means(x, mask, m, pad_in_means)
+            want = torch.zeros(B, H, m, DH, dtype=torch.float64)
+            nonempty = torch.zeros(B, m, dtype=torch.bool)
+            for b, j in itertools.product(range(B), range(m)):
+                rows = [r for r in range(j * seg, min(L, (j + 1) * seg)) if real[b, r]]
+                nonempty[b, j] = bool(rows)
+                if rows:
+                    want[b, :, j] = x[b, :, rows].sum(1) / (seg if pad_in_means else len(rows))
+            torch.testing.assert_close(got, want)
+            if got_mask is None:  # None: every landmark is kept
+                assert pad_in_means or nonempty.all()
+            else:
+                assert not pad_in_means and torch.equal(got_mask, nonempty)
+            g = torch.randn_like(want)
+            (grad,) = torch.autograd.grad(got, x, g)
+            (want_grad,) = torch.autograd.grad(want, x, g)
+            torch.testing.assert_close(grad, want_grad)
+            assert not grad.masked_select(~real[:, None, :, None]).any()
+            if blhd_strides(x) and L % m == 0:  # the weighted-sum path writes x's own layout
+                assert blhd_strides(grad)

@@ -76,19 +76,42 @@ def segment_means(
     m = num_segments
     seg = -(-L // m)  # tokens per segment after padding
     pad = m * seg - L
+    if pad == 0 and key_padding_mask is not None:  # one weighted sum per segment, no masked copy of x
+        real = key_padding_mask.reshape(B, m, seg).to(x.dtype)  # (B, m, seg)
+        counts = real.sum(-1, keepdim=True)  # (B, m, 1) real tokens per segment
+        weights = real / (seg if pad_in_means else counts.clamp_min(1))  # zero at padded tokens
+        return _weighted_segment_sums(x, weights), None if pad_in_means else counts[..., 0] > 0
+    if pad == 0 and x.transpose(1, 2).is_contiguous():  # (B, L, H, Dh) memory: read every head at once
+        return _weighted_segment_sums(x, x.new_full((1, m, seg), 1.0 / seg)), None
     if key_padding_mask is None and pad == 0:  # a sum and a divide: backward expands the gradient once
         return x.reshape(B, H, m, seg, D).sum(-2) / seg, None  # (B, H, m, Dh)
     real = torch.ones(B, L, dtype=torch.bool, device=x.device) if key_padding_mask is None else key_padding_mask
     if key_padding_mask is not None:
         x = x.masked_fill(~real[:, None, :, None], 0.0)  # padded tokens carry nothing, whatever their value
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))  # (B, H, m*seg, Dh)
+    x = F.pad(x, (0, 0, 0, pad))  # (B, H, m*seg, Dh)
     sums = x.reshape(B, H, m, seg, D).sum(-2)  # (B, H, m, Dh)
     if pad_in_means:
         return sums / seg, None
     counts = F.pad(real, (0, pad)).reshape(B, m, seg).sum(-1)  # (B, m) real tokens per segment
     means = sums / counts.clamp_min(1)[:, None, :, None].to(x.dtype)
     return means, counts > 0
+
+
+def _weighted_segment_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_s weights[b, j, s] · x[b, h, j·seg + s] for x (B, H, m·seg, Dh), weights (B or 1, m, seg): one
+    batched product per segment, so x is read once, no masked copy of it is made, and backward writes
+    x's gradient in one pass in x's own memory order. x laid out (B, L, H, Dh) (the multi-head
+    wrapper's views) is taken as (B, m, seg, H·Dh), every head at once. A padded token's weight is 0,
+    so a finite value there contributes nothing (a NaN or inf would, as in the fused attention
+    kernels' products). Returns (B, H, m, Dh)."""
+    B, H, L, D = x.shape
+    Bw, m, seg = weights.shape
+    w = weights.unsqueeze(-2)  # (B|1, m, 1, seg)
+    if x.transpose(1, 2).is_contiguous():  # (B, L, H, Dh) memory: segments are (seg, H·Dh) blocks
+        out = torch.matmul(w.expand(B, m, 1, seg), x.transpose(1, 2).reshape(B, m, seg, H * D))  # (B, m, 1, H·Dh)
+        return out.view(B, m, H, D).transpose(1, 2)
+    out = torch.matmul(w.expand(B, m, 1, seg)[:, None], x.reshape(B, H, m, seg, D))  # (B, H, m, 1, Dh)
+    return out.squeeze(-2)
 
 
 def real_segment_weights(key_padding_mask: torch.Tensor, num_segments: int, dtype: torch.dtype) -> torch.Tensor:
