@@ -33,8 +33,8 @@ def _seq_buffer(x: torch.Tensor, kernel: int, block: int, mask: torch.Tensor | N
     rows = buf[:, c:c + L]  # (B, L, H, Dh)
     if mask is None:
         rows.copy_(x.transpose(1, 2))
-    else:  # copy and zero padded tokens in one pass
-        torch.where(mask[:, :, None, None], x.transpose(1, 2), x.new_zeros(()), out=rows)
+    else:  # copy and zero padded tokens in one pass: a product by the mask (where has no vectorised CPU kernel)
+        torch.mul(x.transpose(1, 2), mask[:, :, None, None], out=rows)
     return buf
 
 
@@ -57,14 +57,13 @@ def _conv_rows(buf: torch.Tensor, band: torch.Tensor, block: int, L: int, dst: t
     nb = (R - width) // block + 1
     tmp = buf.new_empty(H, nb, block, D)
     rows = tmp.view(H, nb * block, D)[:, :L]  # (H, L, Dh)
-    zero = buf.new_zeros(())
     for b in range(B):
         for h in range(H):  # the band is shared by the windows (stride 0), not copied
             torch.bmm(band[h].expand(nb, -1, -1), _seq_windows(buf, b, h, width, block), out=tmp[h])
         if add is not None:
             torch.add(add[b], rows, out=dst[b])
         elif mask is not None:
-            torch.where(mask[b, None, :, None], rows, zero, out=dst[b])
+            torch.mul(rows, mask[b, None, :, None], out=dst[b])
         else:
             dst[b].copy_(rows)
 
@@ -118,7 +117,8 @@ def depthwise_seq_conv(v: torch.Tensor, weight: torch.Tensor, key_padding_mask: 
                        block: int = 16) -> torch.Tensor:
     """Same-padded convolution of v (B, H, L, Dh) along L with one odd-length filter per head,
     weight (H, K), shared by the head's Dh channels (a depthwise Conv2d with a (K, 1) kernel); padded
-    tokens (key_padding_mask (B, L) False) count as zeros. Returns (B, H, L, Dh) in (B, L, H, Dh) memory.
+    tokens (key_padding_mask (B, L) False) count as zeros (their values are multiplied by 0, so a finite
+    value there changes nothing; a NaN or inf would, as in the fused attention kernels). Returns (B, H, L, Dh) in (B, L, H, Dh) memory.
 
     Computed as banded block-Toeplitz matrix products: V is copied once into a (B, L + K - 1, H, Dh)
     buffer with zero rows around it (its own memory order when V is laid out (B, L, H, Dh)); each block
