@@ -48,6 +48,10 @@ def test_layer_and_model_bench_write_record_table_and_plot(tmp_path, capsys):
         assert e["step_gflop"] > 0 and e["matmul_gflops"] > 0
         assert report.floor_ratio(e) == e["fwdbwd"]["median_ms"] / (1e3 * e["step_gflop"] / e["matmul_gflops"])
         assert f"{e['step_gflop']:.3g} / {report.floor_ratio(e):.2f}×" in out
+        split = report.time_split(e)  # one profiled step: products, fused attention, the rest
+        assert e["products_ms"] > 0 and e["attention_ms"] >= 0 and 0 <= e["attention_gflop"] <= e["step_gflop"]
+        assert split["rest_ms"] == e["fwdbwd"]["median_ms"] - e["products_ms"] - e["attention_ms"]
+        assert f"| {split['step_ms'] / split['floor_ms']:.2f}× | {split['kernels_floor_ratio']:.2f}× |" in out
 
 
 def test_classifier_timed_in_several_processes_is_pooled(tmp_path, capsys):
@@ -86,6 +90,28 @@ def test_step_flops_count_every_matrix_product_once():
     assert step_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == 6 * one
     assert step_flops(lambda: torch.randn(100, 100).exp().softmax(-1)) == 0  # elementwise work is not counted
     assert matmul_gflops(torch.device("cpu"), n=256, repeats=3) > 0
+
+
+def test_step_time_split_puts_products_and_fused_attention_apart():
+    """The FLOPs and the profiled self time of plain products and of fused attention kernels are kept
+    apart; elementwise work is in neither."""
+    import torch
+    import torch.nn.functional as F
+
+    from lra.bench.flops import step_flop_counts, step_time_split
+
+    q = torch.randn(2, 2, 64, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    one = 2 * 2 * 2 * 64 * 64 * 8
+    both = lambda: F.scaled_dot_product_attention(q @ w, q, q).sum().backward()  # noqa: E731
+    assert step_flop_counts(both) == {"products": 3 * 2 * 256 * 8 * 8, "attention": 6 * one}
+    split = step_time_split(both)
+    assert split["products_ms"] > 0 and split["attention_ms"] > 0
+    assert split["profiled_ms"] > split["products_ms"] + split["attention_ms"]
+    products_only = step_time_split(lambda: (q @ w).sum().backward())
+    assert products_only["products_ms"] > 0 and products_only["attention_ms"] == 0
+    elementwise = step_time_split(lambda: q.exp().softmax(-1).sum().backward())
+    assert elementwise["products_ms"] == elementwise["attention_ms"] == 0 and elementwise["profiled_ms"] > 0
 
 
 def test_out_of_memory_and_timeout_are_recorded_not_raised(tmp_path, capsys):

@@ -197,8 +197,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 def _pool(entry: dict, result: dict) -> None:
     """Fold a further process's result for the same configuration into `entry`: timings pooled (the
-    summary of every run of every process, plus each process's median), memory and the matmul rate the
-    median over processes."""
+    summary of every run of every process, plus each process's median), memory, the matmul rate and the
+    profiled kernel times the median over processes."""
     from lra.bench.worker import summarize
 
     entry["processes"] = entry.get("processes", 1) + 1
@@ -211,14 +211,15 @@ def _pool(entry: dict, result: dict) -> None:
             entry[key] = summarize([t / 1e3 for t in entry[key]["times_ms"] + result[key]["times_ms"]])
         else:
             entry[key] = result[key]
-    for key in ("mem_fwd_mb", "mem_fwdbwd_mb", "matmul_gflops"):
+    for key in ("mem_fwd_mb", "mem_fwdbwd_mb", "matmul_gflops", "products_ms", "attention_ms", "profiled_ms"):
         if result.get(key) is None:
             continue
         values = entry.setdefault(f"{key}_per_process", [] if entry.get(key) is None else [entry[key]])
         values.append(result[key])
         entry[key] = statistics.median(values)
-    if result.get("step_gflop") is not None:
-        entry["step_gflop"] = result["step_gflop"]
+    for key in ("step_gflop", "attention_gflop"):
+        if result.get(key) is not None:
+            entry[key] = result[key]
     if entry.get("fwdbwd") and entry.get("tokens"):
         entry["tokens_per_s"] = entry["tokens"] / (entry["fwdbwd"]["median_ms"] / 1e3)
 
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     png = report.plot_layers(record, args.out_dir / f"{stem}.png")
     print(report.layer_table(record))
     for table in (report.ratio_table(record) if args.with_reference else "", report.model_table(record),
-                  report.model_ratio_table(record),
+                  report.model_ratio_table(record), report.time_split_table(record),
                   report.data_table(record), report.targets_table(record["targets"])):
         if table:
             print("\n" + table)

@@ -9,6 +9,12 @@ step would take if it were nothing but its matrix products at the machine's best
 
 `matmul_gflops(device)` is that rate: the median of timed fp32 (or `dtype`) 2,048 x 2,048 x 2,048
 products with the process's threads. floor = flops / rate; a step's "x floor" is its time over that.
+
+`step_time_split(fn)` says where a step's time goes against that floor: fn runs once under torch's
+profiler (CPU devices) and the self time of its matrix-product kernels and of its fused attention
+kernels is summed. Their time over their FLOPs is the rate these products reach at the step's own shapes
+(thin products run well below the 2,048³ rate); the rest of the step is elementwise work, copies and
+Python.
 """
 from __future__ import annotations
 
@@ -56,11 +62,48 @@ for _kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attenti
         FORMULAS[getattr(aten, f"_scaled_dot_product_{_kernel}_backward")] = _attention_backward
 
 
-def step_flops(fn: Callable[[], object]) -> int:
-    """Matrix-multiply FLOPs of one call of fn (fn really runs, once)."""
+ATTENTION_OPS = frozenset(
+    name for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention")
+    for name in (f"_scaled_dot_product_{kernel}", f"_scaled_dot_product_{kernel}_backward"))
+PRODUCT_OPS = frozenset(("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "_addmm_activation"))
+
+
+def step_flop_counts(fn: Callable[[], object]) -> dict[str, int]:
+    """Matrix-multiply FLOPs of one call of fn (fn really runs, once): {"products": plain products,
+    "attention": the fused attention kernels' products}."""
     with FlopCounterMode(display=False, custom_mapping=FORMULAS) as counter:
         fn()
-    return int(counter.get_total_flops())
+    counts = {"products": 0, "attention": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[-1] if "." in str(op) else str(op)
+        counts["attention" if name in ATTENTION_OPS else "products"] += int(flops)
+    return counts
+
+
+def step_flops(fn: Callable[[], object]) -> int:
+    """Matrix-multiply FLOPs of one call of fn (fn really runs, once)."""
+    return sum(step_flop_counts(fn).values())
+
+
+def step_time_split(fn: Callable[[], object]) -> dict[str, float]:
+    """One profiled call of fn on a CPU: {"products_ms": self time of the plain matrix products (mm, addmm,
+    bmm, baddbmm and their in-place forms), "attention_ms": of the fused attention kernels, forward and
+    backward, "profiled_ms": the call's wall time under the profiler}. The profiler's own cost lands in
+    profiled_ms, not in the kernels' self times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = time.perf_counter() - t0
+    split = {"products_ms": 0.0, "attention_ms": 0.0, "profiled_ms": wall * 1e3}
+    for event in prof.key_averages():
+        name = event.key.removeprefix("aten::")
+        if event.key.startswith("aten::") and name in ATTENTION_OPS:
+            split["attention_ms"] += event.self_cpu_time_total / 1e3
+        elif event.key.startswith("aten::") and name in PRODUCT_OPS:
+            split["products_ms"] += event.self_cpu_time_total / 1e3
+    return split
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:

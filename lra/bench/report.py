@@ -58,6 +58,47 @@ def layer_table(record: dict) -> str:
     return "\n".join(rows)
 
 
+def time_split(entry: dict) -> dict | None:
+    """Where a timed step's time goes (lra.bench.flops.step_time_split), or None where it was not
+    profiled: the step's median, its matmul floor, the plain products' and the fused attention kernels'
+    profiled time and the rate each reached (GFLOP/s), the rest of the step, and the products plus
+    attention kernels alone over the floor (what the step would be if every elementwise op were free)."""
+    step = _value(entry, "fwdbwd")
+    if step is None or entry.get("products_ms") is None or not entry.get("step_gflop") or not entry.get("matmul_gflops"):
+        return None
+    floor = 1e3 * entry["step_gflop"] / entry["matmul_gflops"]
+    att_gflop = entry.get("attention_gflop") or 0.0
+    prod, att = entry["products_ms"], entry.get("attention_ms") or 0.0
+    return {"step_ms": step, "floor_ms": floor, "products_ms": prod, "attention_ms": att,
+            "products_gflops": (entry["step_gflop"] - att_gflop) / (prod / 1e3) if prod else None,
+            "attention_gflops": att_gflop / (att / 1e3) if att else None,
+            "rest_ms": step - prod - att, "kernels_floor_ratio": (prod + att) / floor}
+
+
+def time_split_table(record: dict) -> str:
+    """One row per profiled step (layers and classifiers): the step against its matmul floor, split into
+    plain matrix products, fused attention kernels and the rest ('' when nothing was profiled)."""
+    rows = []
+    for e in record["results"]:
+        split = time_split(e) if e["status"] == "ok" else None
+        if split is None:
+            continue
+        where = e["task"] if e["workload"] == "model" else "layer"
+        rate = lambda v: DASH if v is None else f"{v:.0f}"  # noqa: E731
+        rows.append(f"| {where} | {e['impl']} | {e['backend']} | {e['n']} | {split['step_ms']:.1f} | "
+                    f"{split['floor_ms']:.1f} | {split['products_ms']:.1f} ({rate(split['products_gflops'])}) | "
+                    f"{split['attention_ms']:.1f} ({rate(split['attention_gflops'])}) | {split['rest_ms']:.1f} | "
+                    f"{split['step_ms'] / split['floor_ms']:.2f}× | {split['kernels_floor_ratio']:.2f}× |")
+    if not rows:
+        return ""
+    head = ["Where the step goes (one profiled step; floor = its matrix-product FLOPs at the worker's own "
+            "2,048³ product rate; in brackets the GFLOP/s reached at the step's own shapes)", "",
+            "| workload | impl | backend | n | step ms | floor ms | products ms (GFLOP/s) | "
+            "fused attention ms (GFLOP/s) | rest ms | step × floor | products + attention × floor |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    return "\n".join(head + rows)
+
+
 def model_table(record: dict) -> str:
     entries = _entries(record, "model")
     if not entries:

@@ -6,7 +6,8 @@ peak resident set (VmHWM, reset through /proc/self/clear_refs; ru_maxrss where t
 CUDA: torch.cuda.max_memory_allocated. Then timing: warm-up runs, then `repeats` timed runs; with
 several implementations they alternate run by run (order reversed every other round). Last, for layers
 and classifiers, the matmul floor (lra.bench.flops): the FLOPs of one more training step's matrix
-products, and the process's own matrix-multiply rate.
+products, and the process's own matrix-multiply rate; on a CPU, one more step under the profiler says
+how much of it the products and the fused attention kernels take.
 A failed allocation is reported as status "oom"; any other error as "error".
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable
 import psutil
 import torch
 
-from lra.bench.flops import matmul_gflops, step_flops
+from lra.bench.flops import matmul_gflops, step_flop_counts, step_time_split
 from lra.bench.workloads import Workload, layer_workload, model_workload
 
 MB = 2**20
@@ -142,7 +143,11 @@ def run(spec: dict) -> dict:
             if spec["workload"] != "data" and not spec.get("compile"):  # the matmul floor (lra.bench.flops): the step's products at the best rate
                 rate = matmul_gflops(device, loads[0].dtype or torch.float32)
                 for res, load in zip(results, loads):
-                    res["step_gflop"], res["matmul_gflops"] = step_flops(load.train_step) / 1e9, rate
+                    flops = step_flop_counts(load.train_step)
+                    res["step_gflop"], res["matmul_gflops"] = sum(flops.values()) / 1e9, rate
+                    res["attention_gflop"] = flops["attention"] / 1e9
+                    if device.type == "cpu":  # where the step's time goes (the profiler's CPU self times)
+                        res.update(step_time_split(load.train_step))
         out["results"] = results
     except Exception as err:  # reported to the parent, which records it; never a crash of the sweep
         out["status"] = "oom" if is_oom(err) else "error"
