@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-processes", type=int, default=1,
                    help="time each classifier in this many fresh processes and pool them (steps differ by "
                         "up to ~5%% from process to process on a CPU; 3 for figures you cite)")
+    p.add_argument("--layer-processes", type=int, default=1,
+                   help="time each attention layer (and --with-reference kernel pair) in this many fresh "
+                        "processes and pool them (a layer's step differs by up to ~25%% from process to process "
+                        "on a shared CPU; 3 or more for figures you cite)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (its worker is killed)")
     p.add_argument("--memory-limit-mb", type=float, default=None, help="memory cap per configuration (beyond: OOM)")
     p.add_argument("--keep-going", action="store_true", help="also run lengths above one that ran out of memory/time")
@@ -102,8 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     all_tasks = task_names()
     args.tasks = [] if args.tasks == ["none"] else all_tasks if args.tasks == ["all"] else args.tasks
     bad = [t for t in args.tasks if t not in all_tasks]
-    if args.model_processes < 1:
-        p.error(f"--model-processes must be >= 1, got {args.model_processes}")
+    for flag in ("model_processes", "layer_processes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if any("=" not in kv or not kv.split("=", 1)[0] for kv in args.model_options):
         p.error(f"--model-options takes KEY=VALUE pairs separated by commas, got {','.join(args.model_options)}")
     if bad:
@@ -188,8 +193,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
                                        warmup=3, repeats=20, num_workers=args.num_workers,
                                        model_batch=args.model_batch, model_length=args.model_length)})
     replicated = []
-    for job in jobs:  # classifier timings: one job per process, pooled by execute()
-        copies = args.model_processes if job["spec"]["workload"] == "model" else 1
+    for job in jobs:  # layer and classifier timings: one job per process, pooled by execute()
+        copies = {"model": args.model_processes, "layer": args.layer_processes}.get(job["spec"]["workload"], 1)
         replicated += [job] + [{**job, "label": f"{job['label']} (process {i + 1}/{copies})", "process": i}
                                for i in range(1, copies)]
     return replicated
@@ -270,7 +275,8 @@ def _record(args: argparse.Namespace, mode: str, load_before: dict) -> dict:
     from lra.training.records import git_sha
 
     settings = {k: getattr(args, k) for k in ("backends", "lengths", "batch", "heads", "head_dim", "dim", "dtype",
-                                              "device", "threads", "warmup", "repeats", "timeout", "memory_limit_mb")}
+                                              "device", "threads", "warmup", "repeats", "timeout", "memory_limit_mb",
+                                              "layer_processes")}
     if mode == "layer":
         settings.update(tasks=args.tasks, preset=args.preset, model_options=args.model_options, model_warmup=args.model_warmup, model_repeats=args.model_repeats, model_processes=args.model_processes,
                         model_batch=args.model_batch, model_length=args.model_length, compile=args.compile)
