@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "up to ~5%% from process to process on a CPU; 3 for figures you cite)")
     p.add_argument("--layer-processes", type=int, default=1,
                    help="time each attention layer (and --with-reference kernel pair) in this many fresh "
-                        "processes and pool them (a layer's step differs by up to ~25%% from process to process "
-                        "on a shared CPU; 3 or more for figures you cite)")
+                        "processes and pool them (a layer's step drifted by up to ~25%% within a minute on a "
+                        "shared CPU; 3 or more for figures you cite)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (its worker is killed)")
     p.add_argument("--memory-limit-mb", type=float, default=None, help="memory cap per configuration (beyond: OOM)")
     p.add_argument("--keep-going", action="store_true", help="also run lengths above one that ran out of memory/time")
