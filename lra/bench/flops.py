@@ -75,7 +75,7 @@ def step_flop_counts(fn: Callable[[], object]) -> dict[str, int]:
         fn()
     counts = {"products": 0, "attention": 0}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
-        name = str(op).split(".")[-1] if "." in str(op) else str(op)
+        name = str(op).rsplit(".", 1)[-1]  # aten.mm -> mm
         counts["attention" if name in ATTENTION_OPS else "products"] += int(flops)
     return counts
 

@@ -118,7 +118,8 @@ def depthwise_seq_conv(v: torch.Tensor, weight: torch.Tensor, key_padding_mask: 
     """Same-padded convolution of v (B, H, L, Dh) along L with one odd-length filter per head,
     weight (H, K), shared by the head's Dh channels (a depthwise Conv2d with a (K, 1) kernel); padded
     tokens (key_padding_mask (B, L) False) count as zeros (their values are multiplied by 0, so a finite
-    value there changes nothing; a NaN or inf would, as in the fused attention kernels). Returns (B, H, L, Dh) in (B, L, H, Dh) memory.
+    value there changes nothing; a NaN or inf would, as in the fused attention kernels). Returns
+    (B, H, L, Dh) in (B, L, H, Dh) memory.
 
     Computed as banded block-Toeplitz matrix products: V is copied once into a (B, L + K - 1, H, Dh)
     buffer with zero rows around it (its own memory order when V is laid out (B, L, H, Dh)); each block
