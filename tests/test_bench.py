@@ -60,22 +60,21 @@ def test_classifier_timed_in_several_processes_is_pooled(tmp_path, capsys):
     processes; the entry pools their runs (and keeps each process's median), memory, matmul rate and the
     profiled kernel times are medians over processes."""
     argv = ["--backends", "nystrom", "--lengths", "32", "--tasks", "listops", "--model-batch", "2",
-            "--model-length", "64", "--model-repeats", "2", "--model-processes", "2", "--out-dir", str(tmp_path), *TINY]
+            "--model-length", "64", "--model-repeats", "2", "--model-processes", "2", "--layer-processes", "3",
+            "--out-dir", str(tmp_path), *TINY]
     assert main(argv) == 0
     record = _load(tmp_path, "cpu-nystrom")
     (model,) = [e for e in record["results"] if e["workload"] == "model"]
     (layer,) = [e for e in record["results"] if e["workload"] == "layer"]
-    assert model["status"] == "ok" and model["processes"] == 2 and "processes" not in layer
+    assert model["status"] == "ok" and model["processes"] == 2 and layer["processes"] == 3
     assert model["fwdbwd"]["runs"] == 4 and len(model["fwdbwd_process_medians_ms"]) == 2
+    assert layer["fwdbwd"]["runs"] == layer["fwd"]["runs"] == 3 * 2  # 2 repeats in each process
+    assert len(layer["fwdbwd_process_medians_ms"]) == 3 and len(layer["mem_fwdbwd_mb_per_process"]) == 3
     assert len(model["mem_fwdbwd_mb_per_process"]) == 2 and len(model["matmul_gflops_per_process"]) == 2
     assert len(model["products_ms_per_process"]) == 2
     assert model["products_ms"] == statistics.median(model["products_ms_per_process"])
     assert model["tokens_per_s"] == model["tokens"] / (model["fwdbwd"]["median_ms"] / 1e3)
-    assert record["settings"]["model_processes"] == 2 and record["settings"]["layer_processes"] == 1
-    assert main([*argv[:-len(TINY)], "--tasks", "none", "--layer-processes", "3", *TINY]) == 0
-    (layer,) = _load(tmp_path, "cpu-nystrom")["results"]
-    assert layer["processes"] == 3 and layer["fwdbwd"]["runs"] == layer["fwd"]["runs"] == 3 * 2  # 2 repeats each
-    assert len(layer["fwdbwd_process_medians_ms"]) == 3 and len(layer["mem_fwdbwd_mb_per_process"]) == 3
+    assert record["settings"]["model_processes"] == 2 and record["settings"]["layer_processes"] == 3
     for flag in ("--model-processes", "--layer-processes"):
         with pytest.raises(SystemExit):
             main([*argv[:-len(TINY)], flag, "0"])
