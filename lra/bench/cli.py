@@ -277,14 +277,13 @@ def _record(args: argparse.Namespace, mode: str, load_before: dict) -> dict:
     settings = {k: getattr(args, k) for k in ("backends", "lengths", "batch", "heads", "head_dim", "dim", "dtype",
                                               "device", "threads", "warmup", "repeats", "timeout", "memory_limit_mb",
                                               "layer_processes")}
+    if mode in ("layer", "reference"):  # both time classifiers too
+        settings.update({k: getattr(args, k) for k in ("tasks", "preset", "model_warmup", "model_repeats",
+                                                        "model_processes", "model_batch", "model_length")})
     if mode == "layer":
-        settings.update(tasks=args.tasks, preset=args.preset, model_options=args.model_options, model_warmup=args.model_warmup, model_repeats=args.model_repeats, model_processes=args.model_processes,
-                        model_batch=args.model_batch, model_length=args.model_length, compile=args.compile)
+        settings.update(model_options=args.model_options, compile=args.compile)
     if mode == "reference":
         settings["reference_options"] = {b: REFERENCE_OPTIONS[b] for b in args.backends}
-        settings.update(tasks=args.tasks, preset=args.preset, model_warmup=args.model_warmup,
-                        model_repeats=args.model_repeats, model_processes=args.model_processes,
-                        model_batch=args.model_batch, model_length=args.model_length)
     return {"schema": 1, "mode": mode, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(args.device), "versions": package_versions(), "git_sha": git_sha(),
             "settings": settings, "load_before": load_before}

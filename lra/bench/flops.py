@@ -54,17 +54,17 @@ def _attention_backward(grad_out: Any, q: Any, k: Any, v: Any, *args: Any, out_s
     return 2 * B * H * Lq * Lk * (2 * Dv + 2 * D)
 
 
+FUSED_ATTENTION_KERNELS = ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention")
 FORMULAS = {aten.addmm_: _addmm, aten.baddbmm_: _addmm}
-for _kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention"):
+for _kernel in FUSED_ATTENTION_KERNELS:
     # every fused kernel alike (torch's own formulas for the GPU kernels add the recomputed scores)
     if hasattr(aten, f"_scaled_dot_product_{_kernel}"):
         FORMULAS[getattr(aten, f"_scaled_dot_product_{_kernel}")] = _attention
         FORMULAS[getattr(aten, f"_scaled_dot_product_{_kernel}_backward")] = _attention_backward
 
 
-ATTENTION_OPS = frozenset(
-    name for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention")
-    for name in (f"_scaled_dot_product_{kernel}", f"_scaled_dot_product_{kernel}_backward"))
+ATTENTION_OPS = frozenset(name for kernel in FUSED_ATTENTION_KERNELS
+                          for name in (f"_scaled_dot_product_{kernel}", f"_scaled_dot_product_{kernel}_backward"))
 PRODUCT_OPS = frozenset(("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "_addmm_activation"))
 
 
@@ -98,10 +98,12 @@ def step_time_split(fn: Callable[[], object]) -> dict[str, float]:
     wall = time.perf_counter() - t0
     split = {"products_ms": 0.0, "attention_ms": 0.0, "profiled_ms": wall * 1e3}
     for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
         name = event.key.removeprefix("aten::")
-        if event.key.startswith("aten::") and name in ATTENTION_OPS:
+        if name in ATTENTION_OPS:
             split["attention_ms"] += event.self_cpu_time_total / 1e3
-        elif event.key.startswith("aten::") and name in PRODUCT_OPS:
+        elif name in PRODUCT_OPS:
             split["products_ms"] += event.self_cpu_time_total / 1e3
     return split
 

@@ -33,13 +33,19 @@ def _find(record: dict, impl: str, backend: str, n: int, workload: str = "layer"
     return None
 
 
-def floor_ratio(entry: dict | None) -> float | None:
-    """fwd+bwd (training step) time over its matmul floor: step_gflop at the worker's measured
-    matmul_gflops (lra.bench.flops); None where either was not measured."""
-    t = _value(entry, "fwdbwd")
-    if t is None or not entry.get("step_gflop") or not entry.get("matmul_gflops"):
+def floor_ms(entry: dict) -> float | None:
+    """The step's matmul floor in ms: step_gflop at the worker's measured matmul_gflops
+    (lra.bench.flops); None where either was not measured."""
+    if not entry.get("step_gflop") or not entry.get("matmul_gflops"):
         return None
-    return t / (1e3 * entry["step_gflop"] / entry["matmul_gflops"])
+    return 1e3 * entry["step_gflop"] / entry["matmul_gflops"]
+
+
+def floor_ratio(entry: dict | None) -> float | None:
+    """fwd+bwd (training step) time over its matmul floor; None where either was not measured."""
+    t = _value(entry, "fwdbwd")
+    floor = None if t is None else floor_ms(entry)
+    return None if floor is None else t / floor
 
 
 def _floor_cell(entry: dict) -> str:
@@ -64,9 +70,9 @@ def time_split(entry: dict) -> dict | None:
     profiled time and the rate each reached (GFLOP/s), the rest of the step, and the products plus
     attention kernels alone over the floor (what the step would be if every elementwise op were free)."""
     step = _value(entry, "fwdbwd")
-    if step is None or entry.get("products_ms") is None or not entry.get("step_gflop") or not entry.get("matmul_gflops"):
+    floor = None if step is None or entry.get("products_ms") is None else floor_ms(entry)
+    if floor is None:
         return None
-    floor = 1e3 * entry["step_gflop"] / entry["matmul_gflops"]
     att_gflop = entry.get("attention_gflop") or 0.0
     prod, att = entry["products_ms"], entry.get("attention_ms") or 0.0
     return {"step_ms": step, "floor_ms": floor, "products_ms": prod, "attention_ms": att,
@@ -79,12 +85,12 @@ def time_split_table(record: dict) -> str:
     """One row per profiled step (layers and classifiers): the step against its matmul floor, split into
     plain matrix products, fused attention kernels and the rest ('' when nothing was profiled)."""
     rows = []
+    rate = lambda v: DASH if v is None else f"{v:.0f}"  # noqa: E731
     for e in record["results"]:
         split = time_split(e) if e["status"] == "ok" else None
         if split is None:
             continue
         where = e["task"] if e["workload"] == "model" else "layer"
-        rate = lambda v: DASH if v is None else f"{v:.0f}"  # noqa: E731
         rows.append(f"| {where} | {e['impl']} | {e['backend']} | {e['n']} | {split['step_ms']:.1f} | "
                     f"{split['floor_ms']:.1f} | {split['products_ms']:.1f} ({rate(split['products_gflops'])}) | "
                     f"{split['attention_ms']:.1f} ({rate(split['attention_gflops'])}) | {split['rest_ms']:.1f} | "
