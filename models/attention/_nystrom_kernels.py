@@ -14,10 +14,15 @@ from __future__ import annotations
 import torch
 
 
+def _band_index(H: int, block: int, K: int, device: torch.device) -> torch.Tensor:
+    """(H, block, K) column indices of the band: row p, tap t sits at column p + t."""
+    return (torch.arange(block, device=device)[:, None] + torch.arange(K, device=device)).expand(H, block, K)
+
+
 def _band(weight: torch.Tensor, block: int) -> torch.Tensor:
     """(H, K) filters -> (H, block, block + K - 1) band matrices: row p holds the filter at columns p..p+K-1."""
     H, K = weight.shape
-    idx = (torch.arange(block, device=weight.device)[:, None] + torch.arange(K, device=weight.device)).expand(H, block, K)
+    idx = _band_index(H, block, K, weight.device)
     return weight.new_zeros(H, block, block + K - 1).scatter_(2, idx, weight[:, None, :].expand(H, block, K))
 
 
@@ -108,8 +113,7 @@ class _DepthwiseSeqConv(torch.autograd.Function):
                     g = _seq_windows(gbuf, b, h, block, block, K // 2)[:nb]  # (nb, block, Dh): grad rows
                     torch.bmm(g, _seq_windows(buf, b, h, width, block).transpose(1, 2), out=tmp)
                     gband[h] += tmp.sum(0)
-            idx = (torch.arange(block, device=buf.device)[:, None] + torch.arange(K, device=buf.device))
-            grad_w = gband.gather(2, idx.expand(H, block, K)).sum(1)  # (H, K)
+            grad_w = gband.gather(2, _band_index(H, block, K, buf.device)).sum(1)  # (H, K)
         return grad if ctx.needs_input_grad[0] else None, grad_v, grad_w, None, None
 
 

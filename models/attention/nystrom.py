@@ -105,7 +105,7 @@ def _weighted_segment_sums(x: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     so a finite value there contributes nothing (a NaN or inf would, as in the fused attention
     kernels' products). Returns (B, H, m, Dh)."""
     B, H, L, D = x.shape
-    Bw, m, seg = weights.shape
+    _, m, seg = weights.shape
     w = weights.unsqueeze(-2)  # (B|1, m, 1, seg)
     if x.transpose(1, 2).is_contiguous():  # (B, L, H, Dh) memory: segments are (seg, H·Dh) blocks
         out = torch.matmul(w.expand(B, m, 1, seg), x.transpose(1, 2).reshape(B, m, seg, H * D))  # (B, m, 1, H·Dh)
